@@ -1,0 +1,77 @@
+# syntax=docker/dockerfile:1
+#
+# pmod-serve: vLLM 0.26 + the pmod_serve plugin (p-MoD LLaVA with per-layer compacted KV cache).
+#
+#   docker build -t pmod-serve:dev .
+#   docker run --gpus all -p 8000:8000 -v pmod-models:/models \
+#       -e VLLM_API_KEY=... pmod-serve:dev                      # serves $PMOD_MODEL
+#   docker run ... pmod-serve:dev MCG-NJU/p-MoD-LLaVA-v1.5-7B --max-model-len 4096
+#
+# The base image tag, the transformers pin, the UID, the port and the health path are checked
+# against the rest of the repo by `make deploy-check` (deploy/check.py). No image is built there.
+
+FROM vllm/vllm-openai:v0.26.0
+
+# transformers 5.17+ breaks vLLM 0.26's LLaVA imports; the base image ships an unpinned 5.x.
+ARG TRANSFORMERS_VERSION=5.16.0
+# Ray is an optional vLLM dependency (not in the base image); only the multinode overlay needs it.
+# Pin taken from vLLM 0.26.0's own test requirements (requirements/test/cuda.txt: ray==2.48.0).
+ARG WITH_RAY=1
+ARG RAY_VERSION=2.48.0
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+WORKDIR /opt/pmod-serve
+
+# Only what the wheel build needs (see .dockerignore, which allow-lists these paths): the
+# packages listed in pyproject's [tool.setuptools.packages.find] and its readme.
+COPY pyproject.toml README.md ./
+COPY pmod_serve ./pmod_serve
+COPY model_registry ./model_registry
+COPY loadtests ./loadtests
+
+# --no-deps: vLLM, torch and friends come from the base image and must not be re-resolved.
+# transformers is then pinned with its own dependencies. The last command fails the build if the
+# versions drift or the plugin entry point is not registered.
+RUN python3 -m pip install --no-cache-dir --no-deps . \
+    && python3 -m pip install --no-cache-dir "transformers==${TRANSFORMERS_VERSION}" \
+    && if [ "${WITH_RAY}" = "1" ]; then \
+         python3 -m pip install --no-cache-dir "ray[cgraph]==${RAY_VERSION}"; \
+       fi \
+    && python3 -c "import importlib.metadata as m, sys; \
+v = {d: m.version(d) for d in ('vllm', 'transformers', 'pmod-serve')}; print(v); \
+eps = [e for e in m.entry_points(group='vllm.general_plugins') if e.name == 'pmod']; \
+sys.exit(0 if v['vllm'] == '0.26.0' and v['transformers'] == '${TRANSFORMERS_VERSION}' \
+and len(eps) == 1 and eps[0].value == 'pmod_serve.plugin:register' \
+else 'version pin or vllm.general_plugins entry point mismatch')"
+
+COPY --chmod=0755 deploy/docker-entrypoint.sh /usr/local/bin/pmod-entrypoint
+
+# Model cache: Hugging Face hub cache lives on a volume (a PVC in deploy/k8s).
+RUN mkdir -p /models \
+    && chown 2000:0 /models \
+    && chmod 0775 /models
+
+ENV HF_HOME=/models \
+    PMOD_MODEL=MCG-NJU/p-MoD-LLaVA-NeXT-7B \
+    PMOD_OFFLINE=0 \
+    VLLM_USE_V2_MODEL_RUNNER=0 \
+    VLLM_NO_USAGE_STATS=1 \
+    DO_NOT_TRACK=1 \
+    HOME=/home/vllm
+
+VOLUME ["/models"]
+
+# Non-root: the base image already has user `vllm` (UID 2000, GID 0, HOME /home/vllm) for its
+# opt-in non-root target; we reuse it. deploy/k8s uses the same numbers (runAsUser/runAsGroup).
+USER 2000:0
+WORKDIR /home/vllm
+
+EXPOSE 8000
+
+# Docker/Podman only: Kubernetes ignores HEALTHCHECK and uses the probes in deploy/k8s.
+# start-period covers a first start that downloads ~15 GB of weights and loads them.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=1200s --retries=3 \
+    CMD ["curl", "-fsS", "-o", "/dev/null", "http://localhost:8000/health"]
+
+ENTRYPOINT ["/usr/local/bin/pmod-entrypoint"]

@@ -1,0 +1,81 @@
+"""Engine settings p-MoD models need, applied through vLLM's per-architecture config hook.
+
+vLLM calls `PmodEngineConfig` for `PmodLlavaLlamaForCausalLM` only, so other models served by
+the same installation are untouched. What it switches, and why:
+
+- tokenizer mode `pmod`: the released slow-tokenizer encoding (pmod_serve.tokenizer);
+- the p-MoD worker and scheduler: compacted KV groups, one-step visual prefill;
+- prefix caching off: blocks of a compacted group hold a different token subset per layer, so
+  vLLM's per-group content hashing would share blocks that do not match (refused if asked for);
+- `max_num_batched_tokens >= max_model_len`: a request's visual tokens must fit in one step;
+- eager mode: routing is data-dependent (top-k, gather/scatter of kept tokens);
+- speculative decoding and pipeline parallelism are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+from pmod_serve.tokenizer import TOKENIZER_MODE
+
+logger = logging.getLogger(__name__)
+
+
+class PmodEngineConfig(VerifyAndUpdateConfig):
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        if model_config.tokenizer_mode in ("auto", "hf", "slow"):
+            model_config.tokenizer_mode = TOKENIZER_MODE
+        elif model_config.tokenizer_mode != TOKENIZER_MODE:
+            raise ValueError(
+                f"p-MoD checkpoints need tokenizer_mode={TOKENIZER_MODE!r} "
+                f"(the released slow-tokenizer encoding), got {model_config.tokenizer_mode!r}"
+            )
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        from vllm.platforms import current_platform
+
+        model_config = vllm_config.model_config
+        cache_config = vllm_config.cache_config
+        scheduler_config = vllm_config.scheduler_config
+        parallel_config = vllm_config.parallel_config
+
+        if vllm_config.speculative_config is not None:
+            raise ValueError("p-MoD models do not support speculative decoding")
+        if parallel_config.pipeline_parallel_size > 1:
+            raise ValueError("p-MoD models do not support pipeline parallelism; use tensor parallelism")
+        if scheduler_config.disable_hybrid_kv_cache_manager:
+            raise ValueError("p-MoD needs vLLM's hybrid KV cache manager (one KV group per retention ratio)")
+
+        if cache_config.enable_prefix_caching:
+            logger.info("p-MoD: prefix caching disabled (compacted KV blocks are not content-addressable)")
+        cache_config.enable_prefix_caching = False
+
+        if scheduler_config.max_num_batched_tokens < model_config.max_model_len:
+            logger.info(
+                "p-MoD: max_num_batched_tokens raised from %d to max_model_len=%d so that a "
+                "request's visual tokens always fit in one step",
+                scheduler_config.max_num_batched_tokens,
+                model_config.max_model_len,
+            )
+            scheduler_config.max_num_batched_tokens = model_config.max_model_len
+            scheduler_config.max_num_encoder_input_tokens = model_config.max_model_len
+            scheduler_config.encoder_cache_size = max(
+                scheduler_config.encoder_cache_size, model_config.max_model_len
+            )
+
+        if scheduler_config.scheduler_cls is None:
+            scheduler_config.scheduler_cls = "pmod_serve.scheduler.make_pmod_scheduler"
+        if parallel_config.worker_cls == "auto":
+            parallel_config.worker_cls = (
+                "pmod_serve.cpu_worker.PmodCPUWorker"
+                if current_platform.is_cpu()
+                else "pmod_serve.worker.PmodGPUWorker"
+            )
+
+        if not model_config.enforce_eager:
+            logger.info("p-MoD: running eagerly (data-dependent routing)")
+        model_config.enforce_eager = True

@@ -1,0 +1,399 @@
+"""p-MoD-LLaVA for vLLM (arXiv 2412.04449; the computation of shared/spec/p-mod.md).
+
+LLaVA with a LLaMA decoder whose deeper layers are Mixture-of-Depths layers: each one runs only
+on a request's text tokens plus the top-k of its visual tokens, k shrinking layer by layer
+(progressive ratio decay). Skipped tokens are re-weighted and carried on (STRing), and only the
+tokens a layer processed enter its KV cache. The runner (`pmod_serve.runner`) gives every p-MoD
+layer a compacted KV index space and tells the model which batch tokens are routing targets.
+
+Reads top-down:
+  1. multimodal processing: images -> CLIP crops and the spec's number of visual tokens;
+  2. vision tower (CLIP, layer -2, patch features) and the mlp2x_gelu projector;
+  3. the p-MoD decoder layer: router, TanhNorm, per-request top-k, STRing;
+  4. the decoder and the full model, with weight loading from the released LLaVA names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import BatchFeature, CLIPVisionConfig
+from vllm.config import VllmConfig
+from vllm.config.multimodal import BaseDummyOptions
+from vllm.distributed import get_pp_group
+from vllm.model_executor.layers.activation import get_act_fn
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.clip import CLIPVisionModel
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.llama import LlamaDecoderLayer
+from vllm.model_executor.models.utils import maybe_prefix
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import ImageProcessorItems, ImageSize, MultiModalDataItems
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    PromptUpdate,
+)
+from vllm.sequence import IntermediateTensors
+
+from model_registry import resolve_vision_tower
+from pmod_serve.config import PmodSchedule, WeightNorm, kept_target_count
+from pmod_serve.image_processing import ImageLayout, merge_image_features, num_visual_tokens, preprocess
+from pmod_serve.prompt import IMAGE_MARKER
+from pmod_serve.runner import PmodRouting
+
+# ---------------------------------------------------------------------------------------------
+# 1. Multimodal processing
+# ---------------------------------------------------------------------------------------------
+
+
+class PmodProcessingInfo(BaseProcessingInfo):
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"image": None}
+
+    @cached_property
+    def vision_tower_dir(self) -> Path:
+        return resolve_vision_tower(self.get_hf_config().mm_vision_tower, self.ctx.model_config.model)
+
+    @cached_property
+    def image_layout(self) -> ImageLayout:
+        preprocessor = json.loads((self.vision_tower_dir / "preprocessor_config.json").read_text())
+        vision_config = CLIPVisionConfig.from_pretrained(self.vision_tower_dir)
+        return ImageLayout.from_config(self.get_hf_config(), preprocessor, vision_config)
+
+    @property
+    def image_token_id(self) -> int:
+        # One past the text vocabulary; `pmod_serve.tokenizer` maps `<image>` to it.
+        return self.get_hf_config().vocab_size
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        return num_visual_tokens(image_width, image_height, self.image_layout)
+
+    def get_image_size_with_most_features(self) -> ImageSize:
+        layout = self.image_layout
+        candidates = [(layout.crop_size, layout.crop_size), *layout.grid_pinpoints]
+        width, height = max(candidates, key=lambda size: num_visual_tokens(size[0], size[1], layout))
+        return ImageSize(width=width, height=height)
+
+
+class PmodDummyInputsBuilder(BaseDummyInputsBuilder[PmodProcessingInfo]):
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return IMAGE_MARKER * mm_counts.get("image", 0)
+
+    def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int],
+                          mm_options: Mapping[str, BaseDummyOptions]):
+        size = self.info.get_image_size_with_most_features()
+        images = self._get_dummy_images(
+            width=size.width, height=size.height, num_images=mm_counts.get("image", 0),
+            overrides=mm_options.get("image"),
+        )
+        return {"image": images}
+
+
+class PmodMultiModalProcessor(BaseMultiModalProcessor[PmodProcessingInfo]):
+    """Images are preprocessed by `pmod_serve.image_processing` (no HF processor exists for the
+    LLaVA layout); each `<image>` placeholder is then expanded to the image's visual tokens."""
+
+    def _call_hf_processor(self, prompt: str, mm_data: Mapping[str, object],
+                           mm_kwargs: Mapping[str, object], tok_kwargs: Mapping[str, object]) -> BatchFeature:
+        tokenizer = self.info.get_tokenizer()
+        data: dict[str, object] = {"input_ids": [tokenizer.encode(prompt, add_special_tokens=True)]}
+        images: Sequence[Image.Image] = mm_data.get("images", [])  # type: ignore[assignment]
+        if images:
+            layout = self.info.image_layout
+            data["pixel_values"] = [preprocess(image, layout) for image in images]
+            data["image_sizes"] = torch.tensor([image.size for image in images], dtype=torch.int64)
+        return BatchFeature(data, tensor_type=None)
+
+    def _hf_processor_applies_updates(self, *args, **kwargs) -> bool:
+        return False
+
+    def _get_mm_fields_config(self, hf_inputs: BatchFeature,
+                              hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
+        return dict(
+            pixel_values=MultiModalFieldConfig.batched("image"),
+            image_sizes=MultiModalFieldConfig.batched("image"),
+        )
+
+    def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
+                            out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
+        image_token_id = self.info.image_token_id
+
+        def visual_tokens(item_idx: int) -> list[int]:
+            size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
+            return [image_token_id] * self.info.get_num_image_tokens(
+                image_width=size.width, image_height=size.height
+            )
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=visual_tokens)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Vision tower and projector
+# ---------------------------------------------------------------------------------------------
+
+
+class PmodProjector(nn.Module):
+    """`mlp2x_gelu`: Linear(vision -> hidden), GELU, Linear(hidden -> hidden)."""
+
+    def __init__(self, vision_hidden_size: int, text_hidden_size: int, prefix: str = "") -> None:
+        super().__init__()
+        self.linear_1 = ColumnParallelLinear(vision_hidden_size, text_hidden_size, bias=True,
+                                             prefix=f"{prefix}.linear_1")
+        self.act = get_act_fn("gelu")
+        self.linear_2 = RowParallelLinear(text_hidden_size, text_hidden_size, bias=True,
+                                          prefix=f"{prefix}.linear_2")
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.linear_1(features)
+        hidden, _ = self.linear_2(self.act(hidden))
+        return hidden
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The p-MoD decoder layer
+# ---------------------------------------------------------------------------------------------
+
+
+class PmodRouter(nn.Module):
+    """One logit per token. Replicated on every tensor-parallel rank: identical inputs give every
+    rank the same top-k, so the ranks' KV caches stay consistent."""
+
+    def __init__(self, hidden_size: int, bias: bool, prefix: str = "") -> None:
+        super().__init__()
+        self.router = ReplicatedLinear(hidden_size, 1, bias=bias, prefix=f"{prefix}.router")
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.router(hidden_states)
+        return logits.squeeze(-1)
+
+
+class PmodDecoderLayer(nn.Module):
+    """A LLaMA decoder layer that processes only the kept tokens (spec §2)."""
+
+    def __init__(self, vllm_config: VllmConfig, retention_ratio: float, weight_norm: WeightNorm,
+                 router_bias: bool, prefix: str) -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.retention_ratio = retention_ratio
+        self.weight_norm = weight_norm
+        self.decoder_layer = LlamaDecoderLayer(vllm_config, prefix=f"{prefix}.decoder_layer", config=config)
+        self.router = PmodRouter(config.hidden_size, router_bias, prefix=f"{prefix}.router")
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, routing: PmodRouting | None) -> torch.Tensor:
+        if routing is None:
+            # No visual tokens in this step (decoding, text-only): every token is kept.
+            mlp_out, h = self.decoder_layer(positions, x, None)
+            return h + mlp_out
+
+        # Router weights of the target tokens, normalised per request (TanhNorm).
+        target_index = routing.target_index
+        logits = self.router(x[target_index])
+        weights = torch.empty_like(logits)
+        kept = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        kept[target_index] = False
+        for start, end in routing.segments:
+            weights[start:end] = self.weight_norm.apply(logits[start:end])
+            num_kept = kept_target_count(end - start, self.retention_ratio)
+            top = torch.topk(weights[start:end], num_kept).indices
+            kept[target_index[start:end][top]] = True
+        kept_index = kept.nonzero().squeeze(1)
+
+        # The decoder layer on the kept tokens only, in their original order and positions:
+        # exactly what the compacted attention metadata of this layer's KV group expects.
+        mlp_out, h = self.decoder_layer(positions[kept_index], x[kept_index], None)
+
+        # STRing: kept targets y = h + w*m, kept text y = h + m, skipped targets y = w*x.
+        token_weight = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+        token_weight[target_index, 0] = weights
+        out = token_weight * x
+        out[kept_index] = h + token_weight[kept_index] * mlp_out
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Decoder and model
+# ---------------------------------------------------------------------------------------------
+
+
+class PmodLlamaModel(nn.Module):
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        schedule = PmodSchedule.from_config(config)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   prefix=f"{prefix}.embed_tokens")
+        layers: list[nn.Module] = []
+        for index in range(config.num_hidden_layers):
+            layer_prefix = f"{prefix}.layers.{index}"
+            if schedule.is_pmod_layer(index):
+                layers.append(PmodDecoderLayer(vllm_config, schedule.retention_ratio[index],
+                                               schedule.weight_norm, schedule.router_bias, layer_prefix))
+            else:
+                layers.append(LlamaDecoderLayer(vllm_config, prefix=layer_prefix, config=config))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                inputs_embeds: torch.Tensor | None, routing: PmodRouting | None) -> torch.Tensor:
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            if isinstance(layer, PmodDecoderLayer):
+                # p-MoD layers re-weight their input, so they take it materialised.
+                x = hidden_states if residual is None else hidden_states + residual
+                hidden_states, residual = layer(positions, x, routing), None
+            else:
+                hidden_states, residual = layer(positions, hidden_states, residual)
+        if residual is None:
+            return self.norm(hidden_states)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PmodMultiModalProcessor, info=PmodProcessingInfo, dummy_inputs=PmodDummyInputsBuilder
+)
+class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality.startswith("image"):
+            return IMAGE_MARKER
+        raise ValueError("p-MoD-LLaVA only supports images")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        if get_pp_group().world_size > 1:
+            raise NotImplementedError("p-MoD-LLaVA does not support pipeline parallelism")
+        self.config = config
+        self.routing: PmodRouting | None = None
+        self.configure_mm_token_handling(vocab_size=config.vocab_size, mm_token_ids=[config.vocab_size])
+
+        vision_dir = resolve_vision_tower(config.mm_vision_tower, vllm_config.model_config.model)
+        vision_config = CLIPVisionConfig.from_pretrained(vision_dir)
+        self.layout = ImageLayout.from_config(
+            config, json.loads((vision_dir / "preprocessor_config.json").read_text()), vision_config
+        )
+        if config.mm_vision_select_feature != "patch":
+            raise ValueError(f"mm_vision_select_feature={config.mm_vision_select_feature!r} is not supported")
+        # hidden_states[select_layer] of HF CLIP = the output of that many encoder layers.
+        num_vision_layers = config.mm_vision_select_layer % (vision_config.num_hidden_layers + 1)
+        with self._mark_tower_model(vllm_config, "image"):
+            self.vision_tower = CLIPVisionModel(
+                vision_config, num_hidden_layers_override=num_vision_layers, require_post_norm=False,
+                prefix=maybe_prefix(prefix, "vision_tower"),
+            )
+            self.projector = PmodProjector(config.mm_hidden_size, config.hidden_size,
+                                           prefix=maybe_prefix(prefix, "projector"))
+            self.image_newline = (
+                nn.Parameter(torch.empty(config.hidden_size)) if self.layout.is_anyres else None
+            )
+        with self._mark_language_model(vllm_config):
+            self.model = PmodLlamaModel(vllm_config, prefix=maybe_prefix(prefix, "model"))
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                          prefix=maybe_prefix(prefix, "lm_head"))
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    # -- runner hook --------------------------------------------------------------------------
+
+    def set_pmod_routing(self, routing: PmodRouting | None) -> None:
+        """Called by the p-MoD runner before each forward pass."""
+        self.routing = routing
+
+    # -- images ------------------------------------------------------------------------------
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        pixel_values = kwargs.get("pixel_values")
+        if pixel_values is None:
+            return []
+        image_sizes = kwargs["image_sizes"]
+        crops_per_image = [len(crops) for crops in pixel_values]
+        crops = torch.cat(list(pixel_values)).to(self.vision_tower.dtype)
+        # Layer -2 of CLIP without its CLS token, then the projector.
+        features = self.projector(self.vision_tower(crops)[:, 1:])
+        embeddings = []
+        for image_features, (width, height) in zip(features.split(crops_per_image), image_sizes.tolist()):
+            embeddings.append(merge_image_features(image_features, width, height, self.layout, self.image_newline))
+        return embeddings
+
+    def get_language_model(self) -> nn.Module:
+        return self.model
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
+        return self.model(input_ids, positions, inputs_embeds, self.routing)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    # -- weights -----------------------------------------------------------------------------
+
+    # Released LLaVA names (spec §3) -> this module's names.
+    _renamed_prefixes = (
+        ("model.vision_tower.vision_tower.", "vision_tower."),
+        ("model.mm_projector.0.", "projector.linear_1."),
+        ("model.mm_projector.2.", "projector.linear_2."),
+        ("model.image_newline", "image_newline"),
+    )
+    _stacked_params = (
+        (".qkv_proj", ".q_proj", "q"),
+        (".qkv_proj", ".k_proj", "k"),
+        (".qkv_proj", ".v_proj", "v"),
+        (".gate_up_proj", ".gate_proj", 0),
+        (".gate_up_proj", ".up_proj", 1),
+    )
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        vision_weights = []
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or name.endswith(".position_ids"):
+                continue  # stale buffers of old checkpoints
+            for old, new in self._renamed_prefixes:
+                if name.startswith(old):
+                    name = new + name[len(old):]
+                    break
+            if name.startswith("vision_tower.vision_model."):
+                vision_weights.append((name[len("vision_tower.vision_model."):], tensor))
+                continue
+            for fused, part, shard in self._stacked_params:
+                if part in name and name.replace(part, fused) in params:
+                    param = params[name.replace(part, fused)]
+                    param.weight_loader(param, tensor, shard)
+                    loaded.add(name.replace(part, fused))
+                    break
+            else:
+                if name not in params:
+                    raise KeyError(f"p-MoD checkpoint weight {name!r} has no parameter in the model")
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+                loaded.add(name)
+        vision_model = self.vision_tower.vision_model
+        loaded |= {f"vision_tower.vision_model.{n}" for n in vision_model.load_weights(vision_weights)}
+        return loaded

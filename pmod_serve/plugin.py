@@ -1,0 +1,60 @@
+"""vLLM general plugin: teaches vLLM the released p-MoD-LLaVA checkpoints.
+
+`register()` runs in every process vLLM starts (API server, engine core, workers) through the
+`vllm.general_plugins` entry point. It registers the `pmod_llava_llama` config type, the
+`PmodLlavaLlamaForCausalLM` architecture, the `pmod` tokenizer mode, the p-MoD KV-cache spec,
+and a per-architecture config hook that switches on, for p-MoD models only, the engine
+settings they need (`PmodEngineConfig`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pmod_serve.hf_config import PMOD_ARCHITECTURE, PMOD_MODEL_TYPE
+
+logger = logging.getLogger(__name__)
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from vllm.renderers.registry import RENDERER_REGISTRY
+    from vllm.tokenizers.registry import TokenizerRegistry
+
+    from pmod_serve.engine_config import PmodEngineConfig
+    from pmod_serve.hf_config import PmodLlavaConfig
+    from pmod_serve.kv_manager import register_kv_cache_spec
+    from pmod_serve.tokenizer import TOKENIZER_MODE
+
+    AutoConfig.register(PMOD_MODEL_TYPE, PmodLlavaConfig, exist_ok=True)
+    if PMOD_ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        # A lazy "module:Class" reference keeps torch-heavy imports out of processes that never
+        # build the model.
+        ModelRegistry.register_model(PMOD_ARCHITECTURE, "pmod_serve.model:PmodLlavaLlamaForCausalLM")
+    if TOKENIZER_MODE not in TokenizerRegistry.tokenizers:
+        TokenizerRegistry.register(TOKENIZER_MODE, "pmod_serve.tokenizer", "PmodTokenizer")
+    if TOKENIZER_MODE not in RENDERER_REGISTRY.renderers:
+        # Prompts and chats render as for any HF tokenizer; only encoding differs.
+        RENDERER_REGISTRY.register(TOKENIZER_MODE, "vllm.renderers.hf", "HfRenderer")
+    MODELS_CONFIG_MAP[PMOD_ARCHITECTURE] = PmodEngineConfig
+    register_kv_cache_spec()
+    _register_chat_template_fallback()
+
+
+def _register_chat_template_fallback() -> None:
+    try:
+        from vllm.transformers_utils.chat_templates.registry import register_chat_template_fallback_path
+
+        from model_registry import chat_template_path
+    except ImportError:  # pragma: no cover - older vLLM or a partial install
+        return
+    register_chat_template_fallback_path(PMOD_MODEL_TYPE, str(chat_template_path("vicuna_v1")))

@@ -1,0 +1,84 @@
+"""Scheduler hooks for p-MoD: every request's visual tokens are prefilled in one step.
+
+Top-k routing spans all target tokens of a request (across all its images), so a step may
+start or stop before the first target or after the last one, never in between. The scheduler
+also keeps each request's target ranges where the p-MoD KV-cache managers read them.
+"""
+
+from __future__ import annotations
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
+
+from pmod_serve.kv_layout import RequestTargets, TargetPolicy
+from pmod_serve.kv_manager import PmodAttentionManager
+
+
+class PmodSchedulerMixin:
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.target_policy = TargetPolicy.from_config(self.vllm_config.model_config.hf_config)
+        self.request_targets: dict[str, RequestTargets] = {}
+        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+            if isinstance(manager, PmodAttentionManager):
+                manager.request_targets = self.request_targets
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id not in self.request_targets:
+            targets = self.target_policy.targets_of(request.mm_features, request.num_prompt_tokens)
+            start, end = targets.span
+            if end - start > self.max_num_scheduled_tokens:
+                raise ValueError(
+                    f"request {request.request_id}: its visual tokens span {end - start} "
+                    f"positions, more than one step can hold ({self.max_num_scheduled_tokens}); "
+                    "raise --max-num-batched-tokens"
+                )
+            self.request_targets[request.request_id] = targets
+        super().add_request(request)
+
+    def _try_schedule_encoder_inputs(
+        self,
+        request: Request,
+        num_computed_tokens: int,
+        num_new_tokens: int,
+        encoder_compute_budget: int,
+        shift_computed_tokens: int = 0,
+    ):
+        scheduled = super()._try_schedule_encoder_inputs(
+            request, num_computed_tokens, num_new_tokens, encoder_compute_budget, shift_computed_tokens
+        )
+        encoder_inputs, scheduled_tokens, _, _ = scheduled
+        targets = self.request_targets.get(request.request_id)
+        if targets is None or not targets.ranges:
+            return scheduled
+        start, end = targets.span
+        step_end = num_computed_tokens + scheduled_tokens
+        if num_computed_tokens < end and start < step_end < end:
+            # The step would end inside the visual span: stop before it instead and leave the
+            # images for a later step, which then takes the whole span.
+            return [], max(0, start - num_computed_tokens), encoder_compute_budget, []
+        return scheduled
+
+    def _free_blocks(self, request: Request) -> None:
+        super()._free_blocks(request)
+        # Kept across preemption (blocks are freed and re-allocated), dropped once finished.
+        self.request_targets.pop(request.request_id, None)
+
+
+class PmodScheduler(PmodSchedulerMixin, Scheduler):
+    pass
+
+
+class PmodAsyncScheduler(PmodSchedulerMixin, AsyncScheduler):
+    pass
+
+
+def make_pmod_scheduler(*args, **kwargs):
+    """`scheduler_cls` entry point: the p-MoD scheduler on vLLM's async or sync base.
+
+    The engine decides `async_scheduling` after the config hook runs, so the choice is made here,
+    when the engine core builds its scheduler.
+    """
+    async_scheduling = kwargs["vllm_config"].scheduler_config.async_scheduling
+    return (PmodAsyncScheduler if async_scheduling else PmodScheduler)(*args, **kwargs)
