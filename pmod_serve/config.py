@@ -99,7 +99,9 @@ def retention_ratios(target_layers: str, router_factor: float, num_layers: int) 
 
 def kept_target_count(num_targets: int, retention_ratio: float) -> int:
     """`trunc(T * ratio)` the way the released code computes it: an int32 tensor times a Python
-    float, i.e. in float32 (at T=2365 and layer 10's ratio this gives 1807, float64 gives 1808)."""
+    float, i.e. in float32. At T=2365 and layer 10's ratio (0.76448200...) the float32 product
+    rounds to 1808.0 while float64 gives 1807.9999 -> 1807 (the spec's example has the two
+    swapped; the mechanism it names, float32, is what is implemented and tested)."""
     if num_targets <= 0:
         return 0
     product = torch.tensor(num_targets, dtype=torch.int32) * retention_ratio

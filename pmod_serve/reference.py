@@ -13,6 +13,15 @@ paper (arXiv 2412.04449):
 5. Greedy decoding: the new tokens are never targets, they run densely through every layer and
    attend to that layer's cached (kept) tokens.
 
+Conventions the vLLM side must share:
+- ``generate`` returns greedy ids after the prompt and, like vLLM, includes the EOS id when it stops
+  on it. Ties in the argmax go to the lowest id (``torch.argmax``).
+- Top-k among a sequence's target tokens is ``torch.topk`` over their router weights ``w`` (in
+  sequence order), the kept indices then sorted ascending.
+- In ``prompt_token_ids`` every visual token is the placeholder ``image_token_id``: the config's
+  ``image_token_index`` if it has one, else ``vocab_size`` (one past the vocabulary).
+- ``kv_slots(..., num_generated=n)`` counts the ``n - 1`` tokens fed back after the prompt.
+
 The module tree mirrors the checkpoint's weight names (spec §3), so loading is one strict
 ``load_state_dict``.
 """
@@ -51,39 +60,10 @@ from pmod_serve.image_processing import (
 )
 from pmod_serve.prompt import IMAGE_MARKER, PromptTokenizer
 
-
-# ==================================================================================================
-# Per-layer KV cache holding only the tokens the layer actually processed
-# ==================================================================================================
-
-
-class LayerKVCache:
-    """Keys, values and positions of the tokens one decoder layer has attended over so far.
-
-    A p-MoD layer only ever appends the tokens it kept, so its cache is smaller than the sequence:
-    that is the memory the serving plugin saves.
-    """
-
-    def __init__(self) -> None:
-        self.keys: torch.Tensor | None = None  # [num_kv_heads, slots, head_dim], after RoPE
-        self.values: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None  # [slots]
-
-    def __len__(self) -> int:
-        return 0 if self.positions is None else int(self.positions.numel())
-
-    def extend(
-        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Append new tokens; return everything cached (old + new)."""
-        if self.positions is None:
-            self.keys, self.values, self.positions = keys, values, positions
-        else:
-            self.keys = torch.cat([self.keys, keys], dim=1)
-            self.values = torch.cat([self.values, values], dim=1)
-            self.positions = torch.cat([self.positions, positions])
-        return self.keys, self.values, self.positions
-
+# Queries per attention block (LlamaAttention): bounds the score matrix at prefill.
+import os
+ATTENTION_QUERY_BLOCK = int(os.environ.get('QB', 256))
+_MODE = os.environ.get('MODE', 'prefix')
 
 # ==================================================================================================
 # Vision tower: HF CLIPVisionModel, re-implemented
@@ -291,6 +271,61 @@ class LlamaConfig:
         )
 
 
+class LayerKVCache:
+    """Keys, values and positions of the tokens one decoder layer has attended over so far.
+
+    A p-MoD layer only ever appends the tokens it kept, so its cache is smaller than the sequence:
+    that is the memory the serving plugin saves. Tokens are appended in sequence order, so the
+    cached positions ascend.
+
+    The tensors live in buffers with some spare room at the end, so that appending a decoded token
+    usually writes one slot instead of copying the whole cache.
+    """
+
+    def __init__(self) -> None:
+        self._keys: torch.Tensor | None = None  # [num_kv_heads, capacity, head_dim], after RoPE
+        self._values: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None  # [capacity]
+        self._length = 0  # slots in use
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def keys(self) -> torch.Tensor | None:  # [num_kv_heads, slots, head_dim]
+        return None if self._keys is None else self._keys[:, : self._length]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._values is None else self._values[:, : self._length]
+
+    @property
+    def positions(self) -> torch.Tensor | None:  # [slots]
+        return None if self._positions is None else self._positions[: self._length]
+
+    def extend(
+        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append new tokens; return everything cached (old + new)."""
+        start, stop = self._length, self._length + positions.numel()
+        if self._keys is None or stop > self._keys.shape[1]:
+            self._grow(keys, values, positions, capacity=stop + max(stop // 4, 16))
+        self._keys[:, start:stop] = keys
+        self._values[:, start:stop] = values
+        self._positions[start:stop] = positions
+        self._length = stop
+        return self.keys, self.values, self.positions
+
+    def _grow(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, capacity: int) -> None:
+        old = (self.keys, self.values, self.positions)
+        self._keys = keys.new_empty(keys.shape[0], capacity, keys.shape[2])
+        self._values = values.new_empty(values.shape[0], capacity, values.shape[2])
+        self._positions = positions.new_empty(capacity)
+        if self._length:
+            self._keys[:, : self._length], self._values[:, : self._length] = old[0], old[1]
+            self._positions[: self._length] = old[2]
+
+
 class RMSNorm(nn.Module):
     """LLaMA RMSNorm, computed in float32 like HF's LlamaRMSNorm."""
 
@@ -348,16 +383,32 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim).transpose(0, 1)
         q, k = self.rotary_emb(q, k, positions)
         keys, values, key_positions = kv_cache.extend(k, v, positions)
-        group = self.num_heads // self.num_kv_heads
-        keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
+        if self.num_kv_heads != self.num_heads:  # grouped-query attention: share each KV head
+            group = self.num_heads // self.num_kv_heads
+            keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
 
-        scores = (q @ keys.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        # Causal by original position: a kept token sees the kept tokens at or before it.
-        visible = key_positions[None, :] <= positions[:, None]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = (probs @ values).transpose(0, 1).reshape(tokens, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+        # Plain softmax(q k^T / sqrt(d)) v, a block of queries at a time so that the scores stay
+        # small and keys no query of the block can see are never scored.
+        out = q.new_empty(self.num_heads, tokens, self.head_dim)
+        for start in range(0, tokens, ATTENTION_QUERY_BLOCK):
+            stop = min(start + ATTENTION_QUERY_BLOCK, tokens)
+            block_positions = positions[start:stop]
+            # Causal by original position: a kept token sees the kept tokens at or before it. The
+            # cached positions ascend, so the keys any query of the block can see form a prefix.
+            seen = int(torch.searchsorted(key_positions, block_positions.max(), right=True))
+            if _MODE == "full":
+                seen = key_positions.numel()
+            scores = (q[:, start:stop] @ keys[:, :seen].transpose(-1, -2)) / math.sqrt(self.head_dim)
+            if key_positions[seen - 1] > block_positions.min():  # at prefill; a decoded token sees all
+                hidden = key_positions[None, :seen] > block_positions[:, None]
+                scores = scores.masked_fill(hidden, float("-inf"))
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            if _MODE == "pad" and seen < key_positions.numel():
+                padded = probs.new_zeros(probs.shape[0], probs.shape[1], key_positions.numel())
+                padded[..., :seen] = probs
+                probs, seen = padded, key_positions.numel()
+            out[:, start:stop] = probs @ values[:, :seen]
+        return self.o_proj(out.transpose(0, 1).reshape(tokens, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
@@ -646,9 +697,9 @@ class PmodReference:
 
     def prompt_token_ids(self, prompt: str, images: Sequence[Image.Image]) -> list[int]:
         """Prompt ids with each ``<image>`` expanded to that image's visual tokens (placeholder ids)."""
-        return self._layout_prompt(prompt, images).token_ids
+        return self.prompt_inputs(prompt, images).token_ids
 
-    def _layout_prompt(self, prompt: str, images: Sequence[Image.Image]) -> PromptInputs:
+    def prompt_inputs(self, prompt: str, images: Sequence[Image.Image]) -> PromptInputs:
         """Token ids, visual-token spans and target mask of a prompt, without running any model."""
         markers = prompt.count(IMAGE_MARKER)
         if markers != len(images):
@@ -712,7 +763,7 @@ class PmodReference:
         self, prompt: str, images: Sequence[Image.Image], max_new_tokens: int
     ) -> GenerationOutput:
         """Greedy generation that also reports each layer's final KV-cache length."""
-        inputs = self._layout_prompt(prompt, images)
+        inputs = self.prompt_inputs(prompt, images)
         caches = self._new_caches()
         num_prompt = len(inputs.token_ids)
         inputs_embeds = self.embed_prompt(inputs, images)
@@ -745,7 +796,7 @@ class PmodReference:
         ``P - T + trunc(T * ratio) + G`` slots and each ordinary layer ``P + G``. A sequence without
         images is never routed (``T = 0``: every layer holds ``P + G``).
         """
-        inputs = self._layout_prompt(prompt, images)
+        inputs = self.prompt_inputs(prompt, images)
         fed_after_prompt = num_generated - 1 if num_generated > 0 else 0
         return self.schedule.kv_slots(len(inputs.token_ids), inputs.num_targets, fed_after_prompt)
 
@@ -753,7 +804,7 @@ class PmodReference:
     def kept_indices(self, prompt: str, images: Sequence[Image.Image]) -> dict[int, list[int]]:
         """For each p-MoD layer, the prompt positions it keeps at prefill (ascending). Without images
         every position is kept."""
-        inputs = self._layout_prompt(prompt, images)
+        inputs = self.prompt_inputs(prompt, images)
         num_prompt = len(inputs.token_ids)
         inputs_embeds = self.embed_prompt(inputs, images)
         _, routings = self.model(

@@ -296,6 +296,7 @@ class IndependentPmod:
         self.lm_head = nn.Linear(hidden, cfg["vocab_size"], bias=False)
         self.lm_head.weight.data.copy_(weights["lm_head.weight"])
         self.rotary = LlamaRotaryEmbedding(text_config)
+        self.calibrating_routers = False
 
     # ------------------------------------------------------------------ vision features
 
@@ -371,6 +372,11 @@ class IndependentPmod:
                     cache: KeptTokenCache, trace: dict | None) -> torch.Tensor:
         tokens = x[0]
         logits = self.routers[i](tokens)[:, 0]
+        if self.calibrating_routers:  # make_foreign_checkpoint: standardise this router on this prompt
+            router, scale = self.routers[i], 1.0 / float(logits[targets].std())
+            router.weight.data.mul_(scale)
+            router.bias.data.copy_((router.bias.data - logits[targets].mean()) * scale)
+            logits = router(tokens)[:, 0]
         logits = logits.masked_fill(~targets, float("-inf"))  # non-targets are never chosen over targets
         weight = self._weights(logits)
         num_targets = targets.sum().int()
@@ -469,11 +475,15 @@ def _foreign_tokenizer(seed: int, vocab_size: int = 512) -> bytes:
 
 
 def _liven_(module: nn.Module, generator: torch.Generator) -> None:
-    """transformers' init (std 0.02) leaves a 64-wide model nearly input-independent; rescale every
-    matrix to 1/sqrt(fan_in) and jitter the norms so outputs depend on the image."""
+    """transformers' init (std 0.02) leaves a 64-wide model nearly input-independent: redraw every
+    matrix at 1/sqrt(fan_in) (sharper attention, damped residual branches) and jitter the norms,
+    so that generations depend on the image."""
+    gains = {"q_proj": 1.8, "k_proj": 1.8, "o_proj": 0.35, "down_proj": 0.35}
     for name, param in module.named_parameters():
+        leaf = name.rsplit(".", 2)[-2] if "." in name else name
         if param.dim() == 2 and "embed" not in name:
-            param.data.normal_(0.0, 1.0 / math.sqrt(param.shape[1]), generator=generator)
+            std = gains.get(leaf, 1.0) / math.sqrt(param.shape[1])
+            param.data.normal_(0.0, std, generator=generator)
         elif param.dim() == 2:
             param.data.normal_(0.0, 0.8, generator=generator)
         elif name.endswith("weight") and "norm" in name:
@@ -530,6 +540,7 @@ def make_foreign_checkpoint(out_dir: str | Path, variant: str = "next", seed: in
         routers = {i: nn.Linear(hidden, 1) for i in schedule}
     _liven_(llama, generator)
     _liven_(projector, generator)
+    _liven_(clip.encoder, generator)
 
     state: dict[str, torch.Tensor] = {}
     head_dim = hidden // 2
@@ -601,20 +612,10 @@ def _calibrate_routers(out: Path, generator: torch.Generator) -> None:
     standard deviation 1: tanh then spreads over (-1, 1) and the top-k depends on the image."""
     model = IndependentPmod(out)
     pixels = torch.rand((300, 400, 3), generator=generator).mul(255).to(torch.uint8).numpy()
-    trace: dict = {}
-    # Calibrate layer by layer: each layer's routing changes the next layer's inputs.
+    model.calibrating_routers = True  # layer by layer within one prefill: routing shapes later inputs
+    model.prefill("USER: <image>\nWhat is this? ASSISTANT:", [Image.fromarray(pixels)])
     files = json.loads((out / "pytorch_model.bin.index.json").read_text())["weight_map"]
-    for i in sorted(model.routers):
-        trace.clear()
-        model.prefill("USER: <image>\nWhat is this? ASSISTANT:", [Image.fromarray(pixels)], trace)
-        logits = trace[i]["router_logits"]
-        router = model.routers[i]
-        scale = 1.0 / float(logits.std())
-        router.weight.data.mul_(scale)
-        router.bias.data.copy_(router.bias.data * scale - float(logits.mean()) * scale)
-    shards: dict[str, dict[str, torch.Tensor]] = {}
-    for file_name in sorted(set(files.values())):
-        shards[file_name] = torch.load(str(out / file_name), weights_only=True)
+    shards = {name: torch.load(str(out / name), weights_only=True) for name in sorted(set(files.values()))}
     for i, router in model.routers.items():
         for part in ("weight", "bias"):
             name = f"model.layers.{i}.router.router.{part}"

@@ -124,7 +124,7 @@ def test_incremental_decoding_matches_a_full_prefill(v15_reference: PmodReferenc
     generated = ref.generate(PROMPT, [image], max_new_tokens=5)
     assert len(generated) == 5
 
-    inputs = ref._layout_prompt(PROMPT, [image])
+    inputs = ref.prompt_inputs(PROMPT, [image])
     prompt_len = len(inputs.token_ids)
     fed = generated[:-1]
     embeds = torch.cat([ref.embed_prompt(inputs, [image]), ref.model.embed_tokens(torch.tensor(fed))])
@@ -174,8 +174,8 @@ def test_kept_indices(next_reference: PmodReference) -> None:
         kept_mask = torch.zeros(len(ids), dtype=torch.bool)
         kept_mask[positions] = True
         assert kept_mask[~is_visual].all()  # every text token is kept
-    # the router picks different tokens in different layers and for different images
-    assert kept[8] != kept[9][: len(kept[8])] or len(kept[8]) != len(kept[9])
+    # deeper layers keep fewer tokens, and which ones depends on the image
+    assert len(kept[31]) < len(kept[8])
     other = ref.kept_indices(PROMPT, [stripes_image(200, 150)])
     assert other[20] != kept[20]
 
