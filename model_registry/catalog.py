@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from model_registry.errors import ConfigError, Problem
 from pmod_serve.config import (
+    TARGET_TOKEN_TYPES,
     PmodConfigError,
     PmodSchedule,
     WeightNorm,
     retention_ratios,
-    TARGET_TOKEN_TYPES,
 )
 
 MODEL_TYPE = "pmod_llava_llama"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 
@@ -28,7 +29,7 @@ def _raise_exception(message: str) -> None:
     raise ValueError(message)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compiled(name: str):
     # The environment transformers' apply_chat_template uses, so the template renders the same here.
     import jinja2.ext

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -156,7 +157,7 @@ def _read_json(path: Path, checkpoint_dir: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(checkpoint_dir, [Problem(path.name, "<file>", f"cannot be read as JSON: {exc}")])
+        raise CheckpointError(checkpoint_dir, [Problem(path.name, "<file>", f"cannot be read as JSON: {exc}")]) from exc
 
 
 def weight_files(checkpoint_dir: str | Path) -> tuple[str, dict[str, str] | None]:
@@ -194,7 +195,7 @@ def _load_file(path: Path, checkpoint_dir: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(checkpoint_dir, [Problem(path.name, "<file>", "is listed but does not exist")])
+        raise CheckpointError(checkpoint_dir, [Problem(path.name, "<file>", "is listed but does not exist")]) from None
     except Exception as exc:  # a truncated or foreign file: name it rather than surface a pickle error
         raise CheckpointError(checkpoint_dir, [Problem(path.name, "<file>", f"cannot be read: {exc}")]) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

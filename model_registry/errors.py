@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 # At most this many problems are spelled out in an exception message; the rest are counted.
 _MAX_LISTED_PROBLEMS = 25

@@ -33,6 +33,7 @@ def register() -> None:
     from pmod_serve.engine_config import PmodEngineConfig
     from pmod_serve.hf_config import PmodLlavaConfig
     from pmod_serve.kv_manager import register_kv_cache_spec
+    from pmod_serve.metrics import register_api_collector
     from pmod_serve.tokenizer import TOKENIZER_MODE
 
     AutoConfig.register(PMOD_MODEL_TYPE, PmodLlavaConfig, exist_ok=True)
@@ -48,6 +49,9 @@ def register() -> None:
     MODELS_CONFIG_MAP[PMOD_ARCHITECTURE] = PmodEngineConfig
     register_kv_cache_spec()
     _register_chat_template_fallback()
+    # The first process to load the plugin (the API server) picks the metrics directory that
+    # the engine processes it starts inherit, and serves what they write there.
+    register_api_collector()
 
 
 def _register_chat_template_fallback() -> None:
@@ -57,4 +61,4 @@ def _register_chat_template_fallback() -> None:
         from model_registry import chat_template_path
     except ImportError:  # pragma: no cover - older vLLM or a partial install
         return
-    register_chat_template_fallback_path(PMOD_MODEL_TYPE, str(chat_template_path("vicuna_v1")))
+    register_chat_template_fallback_path(PMOD_MODEL_TYPE, chat_template_path("vicuna_v1"))

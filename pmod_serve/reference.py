@@ -60,10 +60,8 @@ from pmod_serve.image_processing import (
 )
 from pmod_serve.prompt import IMAGE_MARKER, PromptTokenizer
 
-# Queries per attention block (LlamaAttention): bounds the score matrix at prefill.
-import os
-ATTENTION_QUERY_BLOCK = int(os.environ.get('QB', 256))
-_MODE = os.environ.get('MODE', 'prefix')
+# Most queries per attention block (LlamaAttention): bounds the score matrix at prefill.
+ATTENTION_QUERY_BLOCK = 256
 
 # ==================================================================================================
 # Vision tower: HF CLIPVisionModel, re-implemented
@@ -387,27 +385,27 @@ class LlamaAttention(nn.Module):
             group = self.num_heads // self.num_kv_heads
             keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
 
-        # Plain softmax(q k^T / sqrt(d)) v, a block of queries at a time so that the scores stay
-        # small and keys no query of the block can see are never scored.
+        # softmax(q k^T / sqrt(d)) v, a block of queries at a time so that the score matrix stays
+        # small at prefill; the blocks are of (nearly) equal size. A decoded token is one block.
+        num_cached = key_positions.numel()
+        num_blocks = -(-tokens // ATTENTION_QUERY_BLOCK)
+        bounds = [tokens * i // num_blocks for i in range(num_blocks + 1)]
         out = q.new_empty(self.num_heads, tokens, self.head_dim)
-        for start in range(0, tokens, ATTENTION_QUERY_BLOCK):
-            stop = min(start + ATTENTION_QUERY_BLOCK, tokens)
+        for start, stop in zip(bounds[:-1], bounds[1:]):
             block_positions = positions[start:stop]
             # Causal by original position: a kept token sees the kept tokens at or before it. The
-            # cached positions ascend, so the keys any query of the block can see form a prefix.
+            # cached positions ascend, so the keys any query of the block can see are a prefix.
             seen = int(torch.searchsorted(key_positions, block_positions.max(), right=True))
-            if _MODE == "full":
-                seen = key_positions.numel()
             scores = (q[:, start:stop] @ keys[:, :seen].transpose(-1, -2)) / math.sqrt(self.head_dim)
-            if key_positions[seen - 1] > block_positions.min():  # at prefill; a decoded token sees all
+            if key_positions[seen - 1] > block_positions.min():  # prefill; a decoded token sees all
                 hidden = key_positions[None, :seen] > block_positions[:, None]
                 scores = scores.masked_fill(hidden, float("-inf"))
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            if _MODE == "pad" and seen < key_positions.numel():
-                padded = probs.new_zeros(probs.shape[0], probs.shape[1], key_positions.numel())
-                padded[..., :seen] = probs
-                probs, seen = padded, key_positions.numel()
-            out[:, start:stop] = probs @ values[:, :seen]
+            if seen < num_cached:
+                # The unseen keys get probability 0 and still take part in the weighted sum, so that
+                # it runs over the whole cache like one full-matrix product (same float32 rounding).
+                probs = torch.cat([probs, probs.new_zeros(*probs.shape[:-1], num_cached - seen)], dim=-1)
+            out[:, start:stop] = probs @ values
         return self.o_proj(out.transpose(0, 1).reshape(tokens, self.num_heads * self.head_dim))
 
 

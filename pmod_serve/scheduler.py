@@ -7,12 +7,19 @@ also keeps each request's target ranges where the p-MoD KV-cache managers read t
 
 from __future__ import annotations
 
+import time
+
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
+from pmod_serve.kv_accounting import kv_usage, request_kv
 from pmod_serve.kv_layout import RequestTargets, TargetPolicy
 from pmod_serve.kv_manager import PmodAttentionManager
+from pmod_serve.metrics import KVMetricsWriter
+
+# Block-table gauges are recomputed at most this often (seconds), and whenever the engine idles.
+USAGE_PUBLISH_INTERVAL = 0.05
 
 
 class PmodSchedulerMixin:
@@ -23,6 +30,14 @@ class PmodSchedulerMixin:
         for manager in self.kv_cache_manager.coordinator.single_type_managers:
             if isinstance(manager, PmodAttentionManager):
                 manager.request_targets = self.request_targets
+        served_name = self.vllm_config.model_config.served_model_name
+        self.pmod_metrics = KVMetricsWriter(
+            model_name=served_name[0] if isinstance(served_name, list) else served_name,
+            engine_index=self.vllm_config.parallel_config.data_parallel_rank,
+        )
+        self.pmod_metrics.initialise()
+        self._prefilled: set[str] = set()
+        self._usage_published_at = 0.0
 
     def add_request(self, request: Request) -> None:
         if request.request_id not in self.request_targets:
@@ -61,9 +76,54 @@ class PmodSchedulerMixin:
         return scheduled
 
     def _free_blocks(self, request: Request) -> None:
+        self._count_prefill(request)
+        held = request_kv(self, request)
+        if held is not None:
+            self.pmod_metrics.observe_request(held.savings_ratio)
         super()._free_blocks(request)
         # Kept across preemption (blocks are freed and re-allocated), dropped once finished.
         self.request_targets.pop(request.request_id, None)
+        self._prefilled.discard(request.request_id)
+        if not self.requests:
+            self._publish_usage(force=True)  # an idle engine may not schedule again soon
+
+    # --- metrics: what the block tables hold -------------------------------------------------
+
+    def schedule(self, *args, **kwargs):
+        output = super().schedule(*args, **kwargs)
+        self._publish_usage()
+        return output
+
+    def update_from_output(self, *args, **kwargs):
+        outputs = super().update_from_output(*args, **kwargs)
+        for request in self.running:
+            self._count_prefill(request)
+        self._publish_usage(force=not self.requests)
+        return outputs
+
+    def _count_prefill(self, request: Request) -> None:
+        """Once per request, when its visual tokens have been prefilled."""
+        targets = self.request_targets.get(request.request_id)
+        if targets is None or request.request_id in self._prefilled:
+            return
+        if request.num_computed_tokens < max(targets.span[1], 1) or not request.mm_features:
+            return
+        self._prefilled.add(request.request_id)
+        visual_tokens = sum(f.mm_position.length for f in request.mm_features if f.modality == "image")
+        slots_saved = 0
+        for manager, group in zip(self.kv_cache_manager.coordinator.single_type_managers,
+                                  self.kv_cache_config.kv_cache_groups):
+            ratio = getattr(group.kv_cache_spec, "retention_ratio", None)
+            slots_saved += targets.num_skipped(ratio) * len(group.layer_names)
+        self.pmod_metrics.add_prefill(visual_tokens, slots_saved)
+
+    def _publish_usage(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._usage_published_at < USAGE_PUBLISH_INTERVAL:
+            return
+        self._usage_published_at = now
+        usage = kv_usage(self)
+        self.pmod_metrics.set_usage(usage.layer_blocks, usage.dense_layer_blocks)
 
 
 class PmodScheduler(PmodSchedulerMixin, Scheduler):

@@ -112,3 +112,80 @@ def llm_next(tiny_next):
 def engine_scheduler(llm):
     """The scheduler of an in-process engine."""
     return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+# --- real server processes ---------------------------------------------------------------------
+
+class ServerProcess:
+    """A `pmod-serve` / `vllm serve` process on a free loopback port, stopped at teardown."""
+
+    def __init__(self, command: list[str], model: str, log_path: Path) -> None:
+        import socket
+        import subprocess
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.model = model
+        self.log_path = log_path
+        env = dict(os.environ)
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # servers use vLLM's default processes
+        env.pop("PMOD_METRICS_DIR", None)  # each server gets its own metrics directory
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited ({self.process.returncode}); log: {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError(f"server not ready after {timeout}s; log: {self.log_path}")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except Exception:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self._log.close()
+
+    def metrics(self) -> dict[str, float]:
+        """pmod_* samples of /metrics (summed over label sets; buckets left out)."""
+        from pmod_serve.demo import pmod_metrics
+
+        return pmod_metrics(self.base_url)
+
+
+VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
+
+
+@pytest.fixture(scope="session")
+def pmod_server(tiny_next, tmp_path_factory):
+    """`pmod-serve` on the tiny NeXT checkpoint; loopback image URLs allowed for the tests."""
+    server = ServerProcess(
+        [str(VENV_BIN / "pmod-serve"), str(tiny_next), "--served-model-name", "pmod-tiny",
+         "--max-model-len", "4096", "--dtype", "float32", "--media-allow-host", "127.0.0.1"],
+        model="pmod-tiny",
+        log_path=tmp_path_factory.mktemp("logs") / "pmod-serve.log",
+    )
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

@@ -447,6 +447,26 @@ class IndependentPmod:
         return generated
 
 
+# =========================================================================== test inputs
+
+
+def vicuna_prompt(question: str, num_images: int) -> str:
+    """The released single-turn vicuna_v1 prompt, one "<image>\n" per image before the question."""
+    images = "<image>\n" * num_images
+    return f"{_SYSTEM} USER: {images}{question} ASSISTANT:"
+
+
+def sample_image(width: int, height: int, seed: int) -> Image.Image:
+    """A deterministic image with structure (gradients) and texture (noise): no two patches are
+    equal, so router logits have no exact ties."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * (200 / width) + 20 * np.sin(y / (7 + seed)),
+                     y * (200 / height) + 20 * np.cos(x / (5 + seed)),
+                     (x + y) * (100 / (width + height)) + 40 * seed % 120], axis=-1)
+    return Image.fromarray((base + rng.integers(0, 56, (height, width, 3))).clip(0, 255).astype(np.uint8))
+
+
 # =========================================================================== foreign checkpoints
 
 _FOREIGN_WORDS = (
@@ -490,9 +510,19 @@ def _liven_(module: nn.Module, generator: torch.Generator) -> None:
             param.data.add_(torch.randn(param.shape, generator=generator) * 0.08)
 
 
+_FOREIGN_MARKER = ".foreign_checkpoint.json"
+_FOREIGN_VERSION = 1
+
+
 def make_foreign_checkpoint(out_dir: str | Path, variant: str = "next", seed: int = 0) -> Path:
-    """A p-MoD checkpoint in the released layout built from transformers models (not model_registry)."""
+    """A p-MoD checkpoint in the released layout built from transformers models (not model_registry).
+
+    Reused when `out_dir` already holds one built with the same arguments.
+    """
     out = Path(out_dir)
+    marker = {"version": _FOREIGN_VERSION, "variant": variant, "seed": seed}
+    if (out / _FOREIGN_MARKER).exists() and json.loads((out / _FOREIGN_MARKER).read_text()) == marker:
+        return out
     (out / "clip_tower").mkdir(parents=True, exist_ok=True)
     tokenizer_model = _foreign_tokenizer(seed)
     vocab = spm.SentencePieceProcessor(model_proto=tokenizer_model).get_piece_size()
@@ -590,6 +620,7 @@ def make_foreign_checkpoint(out_dir: str | Path, variant: str = "next", seed: in
                                                              "unk_token": "<unk>"}))
     _save_bin_shards(out, state, num_shards=3)
     _calibrate_routers(out, generator)
+    (out / _FOREIGN_MARKER).write_text(json.dumps(marker))
     return out
 
 

