@@ -26,9 +26,12 @@ WORKDIR /opt/pmod-serve
 # Only what the wheel build needs (see .dockerignore, which allow-lists these paths): the
 # packages pyproject's [tool.setuptools.packages.find] includes that exist in the repo, and its
 # readme. (deploy/check.py fails when a package directory appears that is not copied here.)
+# loadtests/ (the load-test client) is in that list, so it ships in the wheel too; its imports
+# (vllm, numpy, aiohttp, tqdm, pillow, prometheus_client) are vLLM 0.26 itself or its requirements.
 COPY pyproject.toml README.md ./
 COPY pmod_serve ./pmod_serve
 COPY model_registry ./model_registry
+COPY loadtests ./loadtests
 
 # --no-deps: vLLM, torch and friends come from the base image and must not be re-resolved.
 # transformers is then pinned with its own dependencies. The last command fails the build if the

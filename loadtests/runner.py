@@ -4,6 +4,7 @@ Reused from vLLM 0.26 (`vllm.benchmarks`), by import:
 - `async_request_openai_chat_completions` (the `openai-chat` backend): streams one chat
   completion and measures TTFT, inter-token latencies and end-to-end latency;
 - `get_request`: the arrival process (request rate, Poisson or gamma with `burstiness`);
+- `freeze_gc_heap`: no garbage-collector pauses of the (large) vLLM heap inside measurements;
 - `calculate_metrics` (in `loadtests.report`): percentiles, throughput, goodput.
 
 Added here:
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import gc
 import json
 import os
 import random
@@ -42,6 +44,7 @@ from vllm.benchmarks.lib.endpoint_request_func import (
     async_request_openai_chat_completions,
 )
 from vllm.benchmarks.serve import get_request
+from vllm.utils.gc_utils import freeze_gc_heap
 
 from loadtests import metrics as m
 from loadtests.workload import WorkloadSpec, build_requests
@@ -52,7 +55,8 @@ METRICS_PATH = "/metrics"
 
 # Per request (each runs in its own task, so its own context): the HTTP status seen by the trace.
 _REQUEST_STATE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "loadtests_request_state", default=None)
+    "loadtests_request_state", default=None
+)
 
 
 class OffTargetError(aiohttp.ClientError):
@@ -97,6 +101,11 @@ def guard_trace(base_url: str) -> aiohttp.TraceConfig:
         state = _REQUEST_STATE.get()
         if state is not None:
             state["status"] = params.response.status
+            if params.response.status >= 400:
+                # vLLM's request functions keep only the reason phrase and never read an error's
+                # body: read it here, for the report's error examples.
+                with contextlib.suppress(Exception):
+                    state["body"] = (await asyncio.wait_for(params.response.text(), 5))[:2000]
 
     trace.on_request_start.append(on_start)
     trace.on_request_redirect.append(on_redirect)
@@ -110,8 +119,9 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-async def request_chat_nonstreaming(request_func_input: RequestFuncInput, session: aiohttp.ClientSession,
-                                    pbar: tqdm | None = None) -> RequestFuncOutput:
+async def request_chat_nonstreaming(
+    request_func_input: RequestFuncInput, session: aiohttp.ClientSession, pbar: tqdm | None = None
+) -> RequestFuncOutput:
     """One non-streaming chat completion (vLLM's request functions always stream).
 
     Only the end-to-end latency is measurable; `ttft` is set to it and ignored by the report."""
@@ -137,7 +147,9 @@ async def request_chat_nonstreaming(request_func_input: RequestFuncInput, sessio
                 body = await response.json(content_type=None)
                 output.latency = output.ttft = time.perf_counter() - start
                 choices = body.get("choices") or []
-                output.generated_text = (choices[0].get("message") or {}).get("content") or "" if choices else ""
+                output.generated_text = (
+                    (choices[0].get("message") or {}).get("content") or "" if choices else ""
+                )
                 usage = body.get("usage") or {}
                 output.output_tokens = usage.get("completion_tokens") or 0
                 if usage.get("prompt_tokens") is not None:
@@ -161,6 +173,7 @@ class RequestRecord:
     state: str = "queued"  # queued -> in_flight -> done | cancelled (in flight at the time limit)
     sent_at: float | None = None  # seconds since the phase started
     status: int | None = None
+    error_body: str | None = None  # the body of a 4xx/5xx response
     output: RequestFuncOutput | None = None
 
 
@@ -231,13 +244,18 @@ class Client:
         self.api_url = self.base_url + CHAT_PATH
         self.metrics_url = self.base_url + METRICS_PATH
         timeout = aiohttp.ClientTimeout(total=options.request_timeout_s or options.time_limit_s)
-        connector = aiohttp.TCPConnector(limit=concurrency or 0, limit_per_host=concurrency or 0,
-                                         keepalive_timeout=60, force_close=False)
-        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False,
-                                             trace_configs=[guard_trace(self.base_url)])
+        connector = aiohttp.TCPConnector(
+            limit=concurrency or 0, limit_per_host=concurrency or 0, keepalive_timeout=60, force_close=False
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, trust_env=False, trace_configs=[guard_trace(self.base_url)]
+        )
         # Scrapes get their own connection so a saturated pool cannot delay them.
-        self.scrape_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), trust_env=False,
-                                                    trace_configs=[guard_trace(self.base_url)])
+        self.scrape_session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=10),
+            trust_env=False,
+            trace_configs=[guard_trace(self.base_url)],
+        )
 
     async def close(self) -> None:
         await self.session.close()
@@ -256,7 +274,9 @@ class Client:
         last_error = ""
         while True:
             try:
-                async with self.scrape_session.get(self.base_url + MODELS_PATH, headers=auth_headers()) as resp:
+                async with self.scrape_session.get(
+                    self.base_url + MODELS_PATH, headers=auth_headers()
+                ) as resp:
                     if resp.status == 200:
                         body = await resp.json(content_type=None)
                         return [str(item.get("id")) for item in body.get("data", [])]
@@ -272,15 +292,30 @@ class Client:
 
 def _request_input(client: Client, model: str, request: Any, options: RunOptions) -> RequestFuncInput:
     return RequestFuncInput(
-        prompt=request.prompt, api_url=client.api_url, prompt_len=request.prompt_len,
-        output_len=request.expected_output_len, model=model, model_name=model,
-        multi_modal_content=request.multi_modal_data, ignore_eos=options.ignore_eos,
-        extra_body=options.extra_body, request_id=request.request_id, chat_messages=request.chat_messages,
+        prompt=request.prompt,
+        api_url=client.api_url,
+        prompt_len=request.prompt_len,
+        output_len=request.expected_output_len,
+        model=model,
+        model_name=model,
+        multi_modal_content=request.multi_modal_data,
+        ignore_eos=options.ignore_eos,
+        extra_body=options.extra_body,
+        request_id=request.request_id,
+        chat_messages=request.chat_messages,
     )
 
 
-async def run_phase(client: Client, model: str, requests: list[Any], concurrency: int, options: RunOptions,
-                    seed: int, sample_metrics: bool, desc: str) -> PhaseResult:
+async def run_phase(
+    client: Client,
+    model: str,
+    requests: list[Any],
+    concurrency: int,
+    options: RunOptions,
+    seed: int,
+    sample_metrics: bool,
+    desc: str,
+) -> PhaseResult:
     """Send `requests` (arrivals from vLLM's `get_request`) with at most `concurrency` in flight.
 
     Stops when every request has finished or at `options.time_limit_s`, whichever comes first;
@@ -314,7 +349,9 @@ async def run_phase(client: Client, model: str, requests: list[Any], concurrency
             try:
                 snapshot = await client.scrape()
                 result.scrapes += 1
-                result.points.append({"t": round(t, 3), "in_flight": in_flight, **m.kv_savings_point(snapshot)})
+                result.points.append(
+                    {"t": round(t, 3), "in_flight": in_flight, **m.kv_savings_point(snapshot)}
+                )
             except Exception as exc:
                 result.scrape_errors.append(f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(asyncio.TimeoutError):
@@ -336,13 +373,16 @@ async def run_phase(client: Client, model: str, requests: list[Any], concurrency
             state: dict[str, Any] = {"status": None}
             _REQUEST_STATE.set(state)
             try:
-                output = await request_func(request_func_input=request_input, session=client.session, pbar=pbar)
+                output = await request_func(
+                    request_func_input=request_input, session=client.session, pbar=pbar
+                )
             except asyncio.CancelledError:
                 record.state = "cancelled"
                 raise
             finally:
                 in_flight -= 1
             record.output, record.status, record.state = output, state["status"], "done"
+            record.error_body = state.get("body")
         finally:
             if semaphore is not None:
                 semaphore.release()
@@ -378,7 +418,7 @@ async def run_phase(client: Client, model: str, requests: list[Any], concurrency
 
     if sample_metrics and result.before is not None:
         # vLLM's and p-MoD's counters are updated as outputs are processed: let the last land.
-        await asyncio.sleep(min(0.5, options.metrics_interval_s))
+        await asyncio.sleep(0.5)
         try:
             result.after = await client.scrape()
             result.scrapes += 1
@@ -391,24 +431,31 @@ def _log(message: str) -> None:
     print(f"[loadtests] {message}", file=sys.stderr, flush=True)
 
 
+def level_seed(seed: int, concurrency: int) -> int:
+    """The requests' seed at one concurrency level: each level sends fresh requests (a level
+    re-sending the previous level's images would hit the server's prefix and multimodal caches),
+    and a level gets the same requests whatever else is in the sweep, on every server."""
+    return seed + 1_000_003 * concurrency
+
+
+WARMUP_SEED_OFFSET = 999_983
+
+
 async def run_async(options: RunOptions) -> dict[str, Any]:
     """Ready check, warm-up, then one measured phase per concurrency level; the report dict."""
     from loadtests.report import build_report, build_run
 
     options.validate()
     spec = options.workload
-    _log(f"preparing {spec.num_requests} requests ({spec.dataset}, seed {spec.seed})")
-    prep_start = time.perf_counter()
-    requests, info = build_requests(spec, spec.num_requests, spec.seed, request_id_prefix="loadtest-")
-    warm_requests, _ = (build_requests(spec, options.warmup, spec.seed + 1_000_003, request_id_prefix="warmup-")
-                        if options.warmup else ([], {}))
-    _log(f"prepared in {time.perf_counter() - prep_start:.1f}s")
-
+    if len(set(options.concurrency)) != len(options.concurrency):
+        raise ValueError("--concurrency levels must be distinct")
     runs: list[dict[str, Any]] = []
     warmup_summary: dict[str, Any] | None = None
     model = options.model
     client = Client(options, max(options.concurrency) if all(options.concurrency) else 0)
     try:
+        # Fail early on bad workload options, before waiting for the server.
+        build_requests(spec, 1, spec.seed, request_id_prefix="check-")
         models = await client.served_models(time.perf_counter() + options.ready_timeout_s)
         if model is None:
             if not models:
@@ -417,10 +464,22 @@ async def run_async(options: RunOptions) -> dict[str, Any]:
         elif models and model not in models:
             raise RuntimeError(f"model {model!r} is not served at {client.base_url} (served: {models})")
         _log(f"target {client.api_url}, model {model}")
-        if warm_requests:
+        if options.warmup:
+            warm_requests, _ = build_requests(
+                spec, options.warmup, spec.seed + WARMUP_SEED_OFFSET, request_id_prefix="warmup-"
+            )
             _log(f"warm-up: {len(warm_requests)} requests")
-            warm = await run_phase(client, model, warm_requests, options.concurrency[0], options,
-                                   seed=spec.seed + 1, sample_metrics=False, desc="warm-up")
+            freeze_gc_heap()
+            warm = await run_phase(
+                client,
+                model,
+                warm_requests,
+                options.concurrency[0],
+                options,
+                seed=spec.seed + WARMUP_SEED_OFFSET,
+                sample_metrics=False,
+                desc="warm-up",
+            )
             done = [r for r in warm.records if r.state == "done"]
             warmup_summary = {
                 "requests": len(warm_requests),
@@ -429,18 +488,41 @@ async def run_async(options: RunOptions) -> dict[str, Any]:
                 "duration_s": round(warm.duration_s, 3),
                 "stopped_by": warm.stopped_by,
             }
+            del warm_requests, warm
         for level in options.concurrency:
-            _log(f"measuring: {len(requests)} requests, concurrency {level or 'unlimited'}, "
-                 f"request rate {options.request_rate}, time limit {options.time_limit_s}s")
-            phase = await run_phase(client, model, requests, level, options, seed=spec.seed,
-                                    sample_metrics=options.metrics, desc=f"concurrency {level or 'inf'}")
-            runs.append(build_run(phase, level, options, info, client.metrics_url))
-            run = runs[-1]
-            _log(f"concurrency {level or 'unlimited'}: {run['requests']['completed']} ok, "
-                 f"{run['errors']['count']} errors, {run['requests']['cancelled']} cancelled, "
-                 f"{run['throughput_rps']:.3f} req/s, stopped by {run['stopped_by']}")
+            seed = level_seed(spec.seed, level)
+            prep_start = time.perf_counter()
+            requests, info = build_requests(spec, spec.num_requests, seed, request_id_prefix=f"c{level}-")
+            _log(
+                f"measuring: {len(requests)} requests ({spec.dataset}, prepared in "
+                f"{time.perf_counter() - prep_start:.1f}s), concurrency {level or 'unlimited'}, "
+                f"request rate {options.request_rate}, time limit {options.time_limit_s}s"
+            )
+            # With vLLM imported the heap holds ~500k objects and a full collection stalls the event
+            # loop for ~1 s, which would land in the latencies: freeze them, as `vllm bench serve` does.
+            freeze_gc_heap()
+            phase = await run_phase(
+                client,
+                model,
+                requests,
+                level,
+                options,
+                seed=seed,
+                sample_metrics=options.metrics,
+                desc=f"concurrency {level or 'inf'}",
+            )
+            run = build_run(phase, level, options, info, client.metrics_url)
+            run["seed"] = seed
+            runs.append(run)
+            del requests, info, phase
+            _log(
+                f"concurrency {level or 'unlimited'}: {run['requests']['completed']} ok, "
+                f"{run['errors']['count']} errors, {run['requests']['cancelled']} cancelled, "
+                f"{run['throughput_rps']:.3f} req/s, stopped by {run['stopped_by']}"
+            )
     finally:
         await client.close()
+        gc.unfreeze()
     return build_report(runs, options, model or "", warmup_summary, client.api_url, client.metrics_url)
 
 

@@ -29,8 +29,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from vllm.benchmarks.datasets import BenchmarkDataset, RandomMultiModalDataset, SampleRequest
 
+from loadtests import DEFAULT_IMAGE_SIZES
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-DEFAULT_IMAGE_SIZES = "336x336:0.2,672x672:0.3,1024x768:0.3,768x1024:0.2"
 # ~1.3 tokens per English word for LLaMA-family tokenizers; only used to size the text context.
 TOKENS_PER_WORD = 1.3
 
@@ -116,7 +117,7 @@ def synth_image(width: int, height: int, rng: np.random.Generator) -> Image.Imag
     """A picture-like image: a two-colour gradient, a few filled shapes and mild noise."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     angle = rng.uniform(0, 2 * math.pi)
-    t = (x * math.cos(angle) + y * math.sin(angle))
+    t = x * math.cos(angle) + y * math.sin(angle)
     t = (t - t.min()) / max(float(t.max() - t.min()), 1.0)
     c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
     base = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
@@ -132,7 +133,10 @@ def synth_image(width: int, height: int, rng: np.random.Generator) -> Image.Imag
         elif kind == 1:
             draw.ellipse((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)), fill=colour)
         else:
-            points = [(int(px), int(py)) for px, py in zip(rng.integers(0, width, 3), rng.integers(0, height, 3))]
+            points = [
+                (int(px), int(py))
+                for px, py in zip(rng.integers(0, width, 3), rng.integers(0, height, 3), strict=True)
+            ]
             draw.polygon(points, fill=colour)
     pixels = np.asarray(image).astype(np.int16) + rng.normal(0, 6, (height, width, 1)).astype(np.int16)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -163,8 +167,14 @@ def image_part(data: bytes, mime: str) -> dict[str, Any]:
 class ImageSource:
     """Images for requests: generated at a weighted size mix, or sampled from a folder."""
 
-    def __init__(self, *, sizes: list[ImageSize] | None = None, image_dir: str | Path | None = None,
-                 image_format: str = "jpeg", reuse: str = "perturb") -> None:
+    def __init__(
+        self,
+        *,
+        sizes: list[ImageSize] | None = None,
+        image_dir: str | Path | None = None,
+        image_format: str = "jpeg",
+        reuse: str = "perturb",
+    ) -> None:
         if reuse not in ("perturb", "exact"):
             raise ValueError("image reuse must be 'perturb' or 'exact'")
         encode_image(Image.new("RGB", (1, 1)), image_format)  # validates the format
@@ -176,7 +186,9 @@ class ImageSource:
             root = Path(image_dir)
             if not root.is_dir():
                 raise ValueError(f"--image-dir {root} is not a directory")
-            self.files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            self.files = sorted(
+                p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
             if not self.files:
                 raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
         weights = np.array([s.weight for s in self.sizes], dtype=float)
@@ -185,8 +197,14 @@ class ImageSource:
     def describe(self) -> dict[str, Any]:
         if self.files:
             return {"source": "folder", "files": len(self.files), "reuse": self.reuse}
-        return {"source": "generated", "format": self.image_format,
-                "sizes": {f"{s.width}x{s.height}": round(float(p), 4) for s, p in zip(self.sizes, self._probs)}}
+        return {
+            "source": "generated",
+            "format": self.image_format,
+            "sizes": {
+                f"{s.width}x{s.height}": round(float(p), 4)
+                for s, p in zip(self.sizes, self._probs, strict=True)
+            },
+        }
 
     def make(self, rng: np.random.Generator, tag: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """(content part, info) for one image; `tag` makes folder images unique when perturbed."""
@@ -201,9 +219,12 @@ class ImageSource:
                 else:
                     image = opened.convert("RGB")
                     if self.reuse == "perturb":
-                        # One pixel, from the request tag: a different image for the server's
-                        # multimodal / prefix caches, so a small folder does not turn into cache hits.
-                        image.putpixel((0, 0), (tag % 256, (tag // 256) % 256, (tag // 65536) % 256))
+                        # A 16x16 corner patch of noise seeded by the request tag: a different
+                        # image (also after JPEG) for the server's multimodal / prefix caches, so
+                        # a small folder does not turn into cache hits.
+                        side = min(16, width, height)
+                        noise = np.random.default_rng(tag).integers(0, 256, (side, side, 3), dtype=np.uint8)
+                        image.paste(Image.fromarray(noise), (0, 0))
                     data, mime = encode_image(image, fmt if fmt in ("png", "jpeg") else self.image_format)
             info = {"width": width, "height": height, "bytes": len(data), "file": path.name}
         else:
@@ -217,7 +238,9 @@ def estimate_tokens(text: str) -> int:
     return max(1, round(len(text.split()) * TOKENS_PER_WORD))
 
 
-def sample_lengths(rng: np.random.Generator, n: int, mean: int, range_ratio: float, minimum: int) -> np.ndarray:
+def sample_lengths(
+    rng: np.random.Generator, n: int, mean: int, range_ratio: float, minimum: int
+) -> np.ndarray:
     """Integer-uniform lengths in [mean*(1-r), mean*(1+r)], as `vllm bench serve`'s random datasets."""
     if not 0.0 <= range_ratio < 1.0:
         raise ValueError("range ratio must be in [0, 1)")
@@ -243,7 +266,10 @@ class ImageChatDataset(BenchmarkDataset):
         missing = target_tokens - estimate_tokens(question)
         if missing < 8:
             return question
-        words = [WORDS[int(i)] for i in rng.integers(0, len(WORDS), size=max(1, int(missing / TOKENS_PER_WORD) - 2))]
+        words = [
+            WORDS[int(i)]
+            for i in rng.integers(0, len(WORDS), size=max(1, int(missing / TOKENS_PER_WORD) - 2))
+        ]
         sentences, start = [], 0
         while start < len(words):  # sentences of 8..16 words
             end = start + int(rng.integers(8, 17))
@@ -251,10 +277,18 @@ class ImageChatDataset(BenchmarkDataset):
             start = end
         return "Context: " + " ".join(sentences) + "\n\n" + question
 
-    def sample(self, tokenizer: Any = None, num_requests: int = 1, request_id_prefix: str = "",
-               no_oversample: bool = False, input_len: int = 64, output_len: int = 128,
-               range_ratio: float = 0.0, images_per_request: tuple[int, int] = (1, 1),
-               **kwargs: Any) -> list[SampleRequest]:
+    def sample(
+        self,
+        tokenizer: Any = None,
+        num_requests: int = 1,
+        request_id_prefix: str = "",
+        no_oversample: bool = False,
+        input_len: int = 64,
+        output_len: int = 128,
+        range_ratio: float = 0.0,
+        images_per_request: tuple[int, int] = (1, 1),
+        **kwargs: Any,
+    ) -> list[SampleRequest]:
         rng = np.random.default_rng(self.random_seed)
         input_lens = sample_lengths(rng, num_requests, input_len, range_ratio, minimum=1)
         output_lens = sample_lengths(rng, num_requests, output_len, range_ratio, minimum=1)
@@ -272,11 +306,19 @@ class ImageChatDataset(BenchmarkDataset):
             if self.system_prompt:
                 messages.append({"role": "system", "content": self.system_prompt})
             messages.append({"role": "user", "content": [*parts, {"type": "text", "text": text}]})
-            prompt_len = estimate_tokens(text) + (estimate_tokens(self.system_prompt) if self.system_prompt else 0)
+            prompt_len = estimate_tokens(text) + (
+                estimate_tokens(self.system_prompt) if self.system_prompt else 0
+            )
             self.info[request_id] = {"images": infos, "text_tokens_estimate": prompt_len}
-            requests.append(SampleRequest(prompt=text, prompt_len=prompt_len,
-                                          expected_output_len=int(output_lens[i]), request_id=request_id,
-                                          chat_messages=messages))
+            requests.append(
+                SampleRequest(
+                    prompt=text,
+                    prompt_len=prompt_len,
+                    expected_output_len=int(output_lens[i]),
+                    request_id=request_id,
+                    chat_messages=messages,
+                )
+            )
         return requests
 
 
@@ -297,24 +339,35 @@ class WorkloadSpec:
     tokenizer: str | None = None
 
 
-def build_requests(spec: WorkloadSpec, num_requests: int, seed: int,
-                   request_id_prefix: str) -> tuple[list[SampleRequest], dict[str, dict[str, Any]]]:
+def build_requests(
+    spec: WorkloadSpec, num_requests: int, seed: int, request_id_prefix: str
+) -> tuple[list[SampleRequest], dict[str, dict[str, Any]]]:
     """The requests of one phase, plus per-request info (images sent) keyed by request id."""
     if spec.dataset == "image-chat":
-        source = ImageSource(sizes=parse_image_sizes(spec.image_sizes), image_dir=spec.image_dir,
-                             image_format=spec.image_format, reuse=spec.image_reuse)
+        source = ImageSource(
+            sizes=parse_image_sizes(spec.image_sizes),
+            image_dir=spec.image_dir,
+            image_format=spec.image_format,
+            reuse=spec.image_reuse,
+        )
         dataset = ImageChatDataset(source, system_prompt=spec.system_prompt, random_seed=seed)
-        requests = dataset.sample(num_requests=num_requests, request_id_prefix=request_id_prefix,
-                                  input_len=spec.input_len, output_len=spec.output_len,
-                                  range_ratio=spec.range_ratio, images_per_request=spec.images_per_request)
+        requests = dataset.sample(
+            num_requests=num_requests,
+            request_id_prefix=request_id_prefix,
+            input_len=spec.input_len,
+            output_len=spec.output_len,
+            range_ratio=spec.range_ratio,
+            images_per_request=spec.images_per_request,
+        )
         return requests, dataset.info
     if spec.dataset == "random-mm":
         return _random_mm(spec, num_requests, seed, request_id_prefix)
     raise ValueError(f"unknown dataset {spec.dataset!r}: expected image-chat or random-mm")
 
 
-def _random_mm(spec: WorkloadSpec, num_requests: int, seed: int,
-               request_id_prefix: str) -> tuple[list[SampleRequest], dict[str, dict[str, Any]]]:
+def _random_mm(
+    spec: WorkloadSpec, num_requests: int, seed: int, request_id_prefix: str
+) -> tuple[list[SampleRequest], dict[str, dict[str, Any]]]:
     """vLLM's RandomMultiModalDataset with our size mix and images-per-request range."""
     if not spec.tokenizer:
         raise ValueError("--dataset random-mm needs --tokenizer (a HF name or local path)")
@@ -330,10 +383,16 @@ def _random_mm(spec: WorkloadSpec, num_requests: int, seed: int,
         bucket[key] = bucket.get(key, 0.0) + size.weight
     dataset = RandomMultiModalDataset(random_seed=seed)
     requests = dataset.sample(
-        tokenizer=tokenizer, num_requests=num_requests, request_id_prefix=request_id_prefix,
-        input_len=spec.input_len, output_len=spec.output_len, range_ratio=spec.range_ratio,
-        limit_mm_per_prompt={"image": max(high, 1)}, base_items_per_request=max(1, round(base)) if high else 0,
-        num_mm_items_range_ratio=min(ratio, 1.0), bucket_config=bucket,
+        tokenizer=tokenizer,
+        num_requests=num_requests,
+        request_id_prefix=request_id_prefix,
+        input_len=spec.input_len,
+        output_len=spec.output_len,
+        range_ratio=spec.range_ratio,
+        limit_mm_per_prompt={"image": max(high, 1)},
+        base_items_per_request=max(1, round(base)) if high else 0,
+        num_mm_items_range_ratio=min(ratio, 1.0),
+        bucket_config=bucket,
     )
     info = {}
     for request in requests:

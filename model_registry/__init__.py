@@ -26,6 +26,13 @@ def build_tiny_checkpoint(*args, **kwargs):
     return build(*args, **kwargs)
 
 
+def write_full_size_config(*args, **kwargs):
+    """See `model_registry.tiny.write_full_size_config` (imported lazily: it needs sentencepiece)."""
+    from model_registry.tiny import write_full_size_config as write
+
+    return write(*args, **kwargs)
+
+
 __all__ = [
     "CATALOG",
     "CatalogEntry",
@@ -46,4 +53,5 @@ __all__ = [
     "render_prompt",
     "resolve_vision_tower",
     "validate_config",
+    "write_full_size_config",
 ]

@@ -173,7 +173,8 @@ def _shard(names: list[str], state: dict[str, torch.Tensor], num_shards: int) ->
 
 
 def write_weights(out_dir: Path, state: dict[str, torch.Tensor], fmt: str, num_shards: int) -> list[str]:
-    """Shards plus index, in the HF naming of `fmt` ("safetensors" or "bin"); returns the file names."""
+    """Weights in the HF naming of `fmt` ("safetensors" or "bin"): `num_shards` shards plus the index
+    file, or the single model.safetensors / pytorch_model.bin when `num_shards` is 1."""
     shards = _shard(list(state), state, num_shards)
     count = len(shards)
     stem, suffix, index_name = {
@@ -183,7 +184,7 @@ def write_weights(out_dir: Path, state: dict[str, torch.Tensor], fmt: str, num_s
     weight_map: dict[str, str] = {}
     files = []
     for number, names in enumerate(shards, start=1):
-        file_name = f"{stem}-{number:05d}-of-{count:05d}.{suffix}"
+        file_name = f"{stem}-{number:05d}-of-{count:05d}.{suffix}" if count > 1 else f"{stem}.{suffix}"
         tensors = {name: state[name] for name in names}
         if fmt == "safetensors":
             from safetensors.torch import save_file
@@ -194,6 +195,8 @@ def write_weights(out_dir: Path, state: dict[str, torch.Tensor], fmt: str, num_s
         os.chmod(out_dir / file_name, 0o644)  # safetensors creates files readable by the owner only
         weight_map.update(dict.fromkeys(names, file_name))
         files.append(file_name)
+    if count == 1:
+        return files
     total_size = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / index_name).write_text(json.dumps(index, indent=2) + "\n")

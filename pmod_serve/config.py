@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ class WeightNorm:
     bias: float
 
     @classmethod
-    def parse(cls, value: str) -> "WeightNorm":
+    def parse(cls, value: str) -> WeightNorm:
         parts = str(value).split("_")
         kind = parts[0]
         if kind not in WEIGHT_NORMS:
@@ -125,7 +126,7 @@ class PmodSchedule:
     router_bias: bool
 
     @classmethod
-    def from_config(cls, config: Any) -> "PmodSchedule":
+    def from_config(cls, config: Any) -> PmodSchedule:
         """Build from an HF config object or a plain dict (config.json)."""
         get = config.get if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
         num_layers = get("num_hidden_layers")

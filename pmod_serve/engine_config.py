@@ -23,7 +23,7 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from pmod_serve.tokenizer import TOKENIZER_MODE
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.pmod_serve")  # shown with vLLM's log configuration
 
 
 class PmodEngineConfig(VerifyAndUpdateConfig):

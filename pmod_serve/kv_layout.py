@@ -9,8 +9,9 @@ not change any count.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from pmod_serve.config import PmodSchedule, kept_target_count
 
@@ -26,7 +27,7 @@ class TargetPolicy:
     anyres: bool
 
     @classmethod
-    def from_config(cls, hf_config: Any) -> "TargetPolicy":
+    def from_config(cls, hf_config: Any) -> TargetPolicy:
         schedule = PmodSchedule.from_config(hf_config)
         return cls(
             target_token_type=schedule.target_token_type,
@@ -35,7 +36,7 @@ class TargetPolicy:
 
     def request_targets(
         self, image_spans: Sequence[tuple[int, int]], num_prompt_tokens: int
-    ) -> "RequestTargets":
+    ) -> RequestTargets:
         """`image_spans` are (offset, length) of each image's visual tokens in the prompt."""
         if not image_spans:
             # A sequence without images is never routed.
@@ -50,7 +51,7 @@ class TargetPolicy:
                 ranges.append((start, offset + length))
         return RequestTargets(tuple(ranges))
 
-    def targets_of(self, mm_features: Iterable[Any] | None, num_prompt_tokens: int) -> "RequestTargets":
+    def targets_of(self, mm_features: Iterable[Any] | None, num_prompt_tokens: int) -> RequestTargets:
         """Targets of a vLLM request from its `mm_features` (`mm_position` = PlaceholderRange)."""
         spans = [
             (f.mm_position.offset, f.mm_position.length)

@@ -9,8 +9,8 @@ all drawing on one block pool. `PmodAttentionManager` sizes a group's blocks fro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
@@ -27,7 +27,7 @@ class PmodAttentionSpec(FullAttentionSpec):
     retention_ratio: float | None = None
 
     @classmethod
-    def merge(cls, specs: list["PmodAttentionSpec"]) -> "PmodAttentionSpec":
+    def merge(cls, specs: list[PmodAttentionSpec]) -> PmodAttentionSpec:
         ratios = {spec.retention_ratio for spec in specs}
         assert len(ratios) == 1, f"one KV cache group mixes retention ratios {ratios}"
         return replace(super().merge(specs), retention_ratio=ratios.pop())

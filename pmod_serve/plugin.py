@@ -9,11 +9,7 @@ settings they need (`PmodEngineConfig`).
 
 from __future__ import annotations
 
-import logging
-
 from pmod_serve.hf_config import PMOD_ARCHITECTURE, PMOD_MODEL_TYPE
-
-logger = logging.getLogger(__name__)
 
 _registered = False
 
@@ -26,6 +22,7 @@ def register() -> None:
 
     from transformers import AutoConfig
     from vllm import ModelRegistry
+    from vllm.logger import init_logger
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.renderers.registry import RENDERER_REGISTRY
     from vllm.tokenizers.registry import TokenizerRegistry
@@ -52,6 +49,11 @@ def register() -> None:
     # The first process to load the plugin (the API server) picks the metrics directory that
     # the engine processes it starts inherit, and serves what they write there.
     register_api_collector()
+    # Under the "vllm" logger namespace, so it shows with vLLM's own log configuration.
+    init_logger("vllm.pmod_serve").info(
+        "pmod-serve plugin registered: %s, config type %s, tokenizer mode %s",
+        PMOD_ARCHITECTURE, PMOD_MODEL_TYPE, TOKENIZER_MODE,
+    )
 
 
 def _register_chat_template_fallback() -> None:

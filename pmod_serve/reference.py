@@ -33,6 +33,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -391,20 +392,20 @@ class LlamaAttention(nn.Module):
         num_blocks = -(-tokens // ATTENTION_QUERY_BLOCK)
         bounds = [tokens * i // num_blocks for i in range(num_blocks + 1)]
         out = q.new_empty(self.num_heads, tokens, self.head_dim)
-        for start, stop in zip(bounds[:-1], bounds[1:]):
+        for start, stop in pairwise(bounds):
             block_positions = positions[start:stop]
             # Causal by original position: a kept token sees the kept tokens at or before it. The
             # cached positions ascend, so the keys any query of the block can see are a prefix.
             seen = int(torch.searchsorted(key_positions, block_positions.max(), right=True))
-            scores = (q[:, start:stop] @ keys[:, :seen].transpose(-1, -2)) / math.sqrt(self.head_dim)
+            scores = q[:, start:stop] @ keys[:, :seen].transpose(-1, -2)
+            scores /= math.sqrt(self.head_dim)
             if key_positions[seen - 1] > block_positions.min():  # prefill; a decoded token sees all
-                hidden = key_positions[None, :seen] > block_positions[:, None]
-                scores = scores.masked_fill(hidden, float("-inf"))
+                scores.masked_fill_(key_positions[None, :seen] > block_positions[:, None], float("-inf"))
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             if seen < num_cached:
                 # The unseen keys get probability 0 and still take part in the weighted sum, so that
-                # it runs over the whole cache like one full-matrix product (same float32 rounding).
-                probs = torch.cat([probs, probs.new_zeros(*probs.shape[:-1], num_cached - seen)], dim=-1)
+                # it runs over the whole cache as one full-matrix product would (same float32 sums).
+                probs = F.pad(probs, (0, num_cached - seen))
             out[:, start:stop] = probs @ values
         return self.o_proj(out.transpose(0, 1).reshape(tokens, self.num_heads * self.head_dim))
 
@@ -645,7 +646,8 @@ class PmodReference:
         self.layout = ImageLayout.from_config(
             self.config, load_preprocessor_config(vision_dir), vision_config
         )
-        self.tokenizer = PromptTokenizer(self.checkpoint_dir / "tokenizer.model")
+        # tokenizer.model with the legacy / add_prefix_space settings of tokenizer_config.json
+        self.tokenizer = PromptTokenizer.from_checkpoint(self.checkpoint_dir)
         # Placeholder id of a visual token in prompt_token_ids: the config's image_token_index if it
         # has one, else the first id past the vocabulary (as llava-hf checkpoints do).
         if image_token_id is None:

@@ -110,11 +110,10 @@ class PmodSchedulerMixin:
             return
         self._prefilled.add(request.request_id)
         visual_tokens = sum(f.mm_position.length for f in request.mm_features if f.modality == "image")
-        slots_saved = 0
-        for manager, group in zip(self.kv_cache_manager.coordinator.single_type_managers,
-                                  self.kv_cache_config.kv_cache_groups):
-            ratio = getattr(group.kv_cache_spec, "retention_ratio", None)
-            slots_saved += targets.num_skipped(ratio) * len(group.layer_names)
+        slots_saved = sum(
+            targets.num_skipped(getattr(group.kv_cache_spec, "retention_ratio", None)) * len(group.layer_names)
+            for group in self.kv_cache_config.kv_cache_groups
+        )
         self.pmod_metrics.add_prefill(visual_tokens, slots_saved)
 
     def _publish_usage(self, force: bool = False) -> None:

@@ -15,7 +15,12 @@ from pathlib import Path
 from transformers import AutoTokenizer, BatchEncoding
 from vllm.tokenizers.hf import CachedHfTokenizer, get_cached_tokenizer
 
-from pmod_serve.prompt import IMAGE_MARKER, PromptTokenizer
+from pmod_serve.prompt import (
+    IMAGE_MARKER,
+    PromptTokenizer,
+    read_tokenizer_config,
+    slow_tokenizer_options,
+)
 
 TOKENIZER_MODE = "pmod"
 
@@ -29,13 +34,37 @@ def _find_tokenizer_model(path_or_repo_id: str | Path, **hub_kwargs) -> Path:
     return Path(hf_hub_download(str(path_or_repo_id), "tokenizer.model", **hub_kwargs))
 
 
+def _find_tokenizer_config(path_or_repo_id: str | Path, **hub_kwargs) -> Path | None:
+    """The checkpoint's tokenizer_config.json, or None when it has none."""
+    local = Path(path_or_repo_id)
+    if local.is_dir():
+        config = local / "tokenizer_config.json"
+        return config if config.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(str(path_or_repo_id), "tokenizer_config.json", **hub_kwargs))
+    except EntryNotFoundError:
+        return None
+
+
+def prompt_tokenizer_for(path_or_repo_id: str | Path, **hub_kwargs) -> PromptTokenizer:
+    """The checkpoint's slow-tokenizer emulation: its tokenizer.model, with the `legacy` /
+    `add_prefix_space` settings of its tokenizer_config.json (local directory or hub repo)."""
+    config = read_tokenizer_config(_find_tokenizer_config(path_or_repo_id, **hub_kwargs))
+    return PromptTokenizer(
+        _find_tokenizer_model(path_or_repo_id, **hub_kwargs), **slow_tokenizer_options(config)
+    )
+
+
 class PmodTokenizer(CachedHfTokenizer):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, *args, **kwargs):
         hub_kwargs = {k: kwargs[k] for k in ("revision",) if kwargs.get(k)}
         if kwargs.get("download_dir"):
             hub_kwargs["cache_dir"] = kwargs["download_dir"]
-        prompt_tokenizer = PromptTokenizer(_find_tokenizer_model(path_or_repo_id, **hub_kwargs))
+        prompt_tokenizer = prompt_tokenizer_for(path_or_repo_id, **hub_kwargs)
         hf_tokenizer = AutoTokenizer.from_pretrained(
             path_or_repo_id,
             *args,
@@ -59,8 +88,7 @@ def slow_encoding(hf_tokenizer, prompt_tokenizer: PromptTokenizer):
         # exactly what the released code feeds the model.
         if text.startswith(bos_token):
             text, add_special_tokens = text[len(bos_token) :], True
-        ids = prompt_tokenizer.encode_prompt(text, image_token_id)
-        return ids if add_special_tokens else ids[1:]
+        return prompt_tokenizer.encode_prompt(text, image_token_id, add_bos=add_special_tokens)
 
     class PmodSlowTokenizer(base.__class__):  # type: ignore[misc,valid-type]
         pmod_image_token_id = image_token_id

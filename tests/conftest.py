@@ -101,12 +101,27 @@ def make_llm(checkpoint: Path, **kwargs):
     return LLM(model=str(checkpoint), dtype="float32", seed=0, **kwargs)
 
 
+# In-process engines share vLLM's process-global distributed state: shutting one down (or letting
+# it be garbage-collected) would break the others. They are therefore all session-scoped and
+# live until the test process exits.
+
+
 @pytest.fixture(scope="session")
 def llm_next(tiny_next):
     """One in-process engine (so tests can read its scheduler) for the tiny NeXT checkpoint."""
-    llm = make_llm(tiny_next)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
+    return make_llm(tiny_next)
+
+
+@pytest.fixture(scope="session")
+def llm_v15(tiny_v15):
+    return make_llm(tiny_v15)
+
+
+@pytest.fixture(scope="session")
+def llm_small_pool(tiny_next):
+    """384 layer-blocks: one 1536-token request in a dense layout (vLLM's start-up minimum) and
+    about two of the preemption test's image requests; their decode growth forces preemption."""
+    return make_llm(tiny_next, num_gpu_blocks_override=384, max_model_len=1536, max_num_seqs=4)
 
 
 def engine_scheduler(llm):

@@ -89,6 +89,17 @@ def _server(objs: list) -> dict:
     return _obj(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
 
 
+def _lws_leader(objs: list) -> dict:
+    lwt = _obj(objs, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
+    return lwt["leaderTemplate"]["spec"]["containers"][0]
+
+
+def _set_flag(c: dict, flag: str, value: str) -> None:
+    """Replace the value after `flag` in a container's args (the flag must be there)."""
+    args = c["args"]
+    args[args.index(flag) + 1] = value
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole check
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +307,30 @@ K8S_MUTATIONS: dict[str, tuple[str, Callable[[list], None], str]] = {
         lambda o: _obj(o, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"].update(size=3),
         "TP x PP == GPUs in the group (3)",
     ),
+    # p-MoD refuses pipeline parallelism (pmod_serve/engine_config.py): every spelling is caught.
+    "pipeline parallel across the lws group": (
+        "multinode",
+        lambda o: (
+            _set_flag(_lws_leader(o), "--tensor-parallel-size", "1"),
+            _set_flag(_lws_leader(o), "--pipeline-parallel-size", "2"),
+        ),
+        "no pipeline parallelism (p-MoD supports TP only",
+    ),
+    "pipeline parallel short flag": (
+        "tp2",
+        lambda o: _server(o)["args"].extend(["-pp", "2"]),
+        "no pipeline parallelism (p-MoD supports TP only",
+    ),
+    "pipeline parallel flag=value": (
+        "single-gpu",
+        lambda o: _server(o)["args"].append("--pipeline-parallel-size=2"),
+        "no pipeline parallelism (p-MoD supports TP only",
+    ),
+    "lws tp below the group's gpus": (
+        "multinode",
+        lambda o: _set_flag(_lws_leader(o), "--tensor-parallel-size", "1"),
+        "TP x PP == GPUs in the group (2)",
+    ),
     "dashboard configmap drift": (
         "single-gpu",
         lambda o: next(x for x in o if x["kind"] == "ConfigMap")["data"].update(
@@ -319,6 +354,38 @@ def test_k8s_check_catches(case, rendered, facts, adapter_names, dockerfile):
     rep = _quiet()
     check.check_k8s(ROOT, objs, facts, adapter_names, dockerfile, rep)
     assert expected in _failures(rep), f"expected a failure containing {expected!r}, got:\n{_failures(rep)}"
+
+
+def test_multinode_overlay_is_tensor_parallel_over_the_group(rendered):
+    """The shipped LWS group runs TP over all its GPUs with PP 1 (p-MoD refuses PP > 1)."""
+    objs = _overlay(rendered, "multinode")
+    lwt = _obj(objs, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
+    gpus = sum(
+        int(t["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * n
+        for t, n in ((lwt["leaderTemplate"], 1), (lwt["workerTemplate"], int(lwt["size"]) - 1))
+    )
+    _, _, pairs = check.parse_vllm_args([str(a) for a in _lws_leader(objs)["args"]])
+    fl = dict(pairs)
+    assert gpus >= 2
+    assert fl["--distributed-executor-backend"] == "ray"
+    assert int(fl["--tensor-parallel-size"]) == gpus
+    assert int(fl.get("--pipeline-parallel-size", "1")) == 1 and "-pp" not in fl
+
+
+def test_pipeline_parallel_with_matching_gpu_count_is_still_caught(
+    rendered, facts, adapter_names, dockerfile
+):
+    """TP=1 x PP=2 on the 2-GPU group passes the GPU arithmetic; only the PP check rejects it."""
+    objs = copy.deepcopy(rendered)
+    leader = _lws_leader(_overlay(objs, "multinode"))
+    _set_flag(leader, "--tensor-parallel-size", "1")
+    _set_flag(leader, "--pipeline-parallel-size", "2")
+    rep = _quiet()
+    check.check_k8s(ROOT, objs, facts, adapter_names, dockerfile, rep)
+    fails = [m for _, m in rep.failures]
+    assert (
+        len(fails) == 1 and "no pipeline parallelism" in fails[0] and "--pipeline-parallel-size 2" in fails[0]
+    ), _failures(rep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,6 +510,20 @@ FILE_MUTATIONS: dict[str, tuple[list[str], str, str, str, str]] = {
         "!pmod_serve/\npmod_serve/plugin.py\n",
         "COPY source pmod_serve is not excluded by .dockerignore",
     ),
+    "Dockerfile does not copy loadtests": (
+        ["docker"],
+        "Dockerfile",
+        "COPY loadtests ./loadtests\n",
+        "",
+        "loadtests (needed by pyproject.toml's build) is COPYed into the image build",
+    ),
+    "dockerignore does not allow loadtests": (
+        ["docker"],
+        ".dockerignore",
+        "!loadtests/\n",
+        "",
+        "COPY source loadtests is not excluded by .dockerignore",
+    ),
     "entrypoint drops extra args": (
         ["entrypoint"],
         "deploy/docker-entrypoint.sh",
@@ -540,6 +621,13 @@ FILE_MUTATIONS: dict[str, tuple[list[str], str, str, str, str]] = {
         "namespace: pmod-serve\n",
         "",
         "all objects in namespace pmod-serve",
+    ),
+    "overlay switches to pipeline parallelism": (
+        ["k8s"],
+        "deploy/k8s/overlays/multinode/leaderworkerset.yaml",
+        '- --pipeline-parallel-size\n              - "1"',
+        '- --pipeline-parallel-size\n              - "2"',
+        "no pipeline parallelism (p-MoD supports TP only",
     ),
     "overlay does not render": (
         ["render"],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_llm, make_image, vicuna_prompt
+from conftest import make_image, vicuna_prompt
 from vllm import SamplingParams
 
 NEW_TOKENS = 16
@@ -32,7 +32,8 @@ def test_batched_single_image_prompts_match_reference(llm_next, tiny_next, refer
 
 def test_two_image_prompt_matches_reference(llm_next, tiny_next, reference):
     prompt = vicuna_prompt("Compare the two images.", 2)
-    images = [make_image(640, 480, 11), make_image(336, 900, 12)]
+    # Two images whose visual tokens together stay within max_model_len (4096).
+    images = [make_image(400, 300, 11), make_image(336, 900, 12)]
     (output,) = llm_next.generate([request(prompt, images)], greedy())
     assert list(output.outputs[0].token_ids) == reference.generate(tiny_next, prompt, images, NEW_TOKENS)
 
@@ -55,15 +56,8 @@ def test_prompt_tokens_match_reference(llm_next, tiny_next):
 
 
 @pytest.mark.parametrize("size", [(512, 384), (300, 300)])
-def test_v15_checkpoint_matches_reference(tiny_v15, reference, size, v15_llm):
+def test_v15_checkpoint_matches_reference(tiny_v15, reference, size, llm_v15):
     prompt = vicuna_prompt(QUESTION, 1)
     images = [make_image(*size, 7)]
-    (output,) = v15_llm.generate([request(prompt, images)], greedy())
+    (output,) = llm_v15.generate([request(prompt, images)], greedy())
     assert list(output.outputs[0].token_ids) == reference.generate(tiny_v15, prompt, images, NEW_TOKENS)
-
-
-@pytest.fixture(scope="module")
-def v15_llm(tiny_v15):
-    llm = make_llm(tiny_v15)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()

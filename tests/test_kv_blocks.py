@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import math
 
-import pytest
-from conftest import engine_scheduler, make_llm, make_image, vicuna_prompt
+from conftest import engine_scheduler, make_image, vicuna_prompt
 from vllm import SamplingParams
 
 from pmod_serve.config import PmodSchedule, kept_target_count
@@ -143,24 +142,15 @@ def test_kv_savings_for_a_2x2_tile_request(llm_next, capsys):
     assert 0.55 < theory < 0.58
 
 
-@pytest.fixture(scope="module")
-def small_pool_llm(tiny_next):
-    # 384 layer-blocks: one 1536-token request in a dense layout (vLLM's start-up minimum) and
-    # about two of these image requests; their decode growth then forces preemption.
-    llm = make_llm(tiny_next, num_gpu_blocks_override=384, max_model_len=1536, max_num_seqs=4)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-
-
-def test_preempted_requests_still_match_reference(small_pool_llm, tiny_next, reference):
-    scheduler = engine_scheduler(small_pool_llm)
+def test_preempted_requests_still_match_reference(llm_small_pool, tiny_next, reference):
+    scheduler = engine_scheduler(llm_small_pool)
     prompts = [
         (vicuna_prompt(question, 1), [make_image(336, 336, seed)])
         for seed, question in enumerate(["Describe it.", "What colors?", "Is there text?", "Where?"], 21)
     ]
     params = SamplingParams(temperature=0.0, max_tokens=160, ignore_eos=True)
     preemptions = []
-    engine = small_pool_llm.llm_engine
+    engine = llm_small_pool.llm_engine
     for index, (prompt, images) in enumerate(prompts):
         engine.add_request(f"pre-{index}", {"prompt": prompt, "multi_modal_data": {"image": images}}, params)
     outputs = {}

@@ -269,6 +269,14 @@ def test_template_file_and_transformers_rendering_agree():
         chat_template_path("chatml")
 
 
+def test_vllm_passes_content_parts_to_the_template():
+    """vLLM inspects the template to decide between string and OpenAI-part content: parts it must be,
+    so that images stay where the user put them (one "<image>" per image part)."""
+    hf_renderer = pytest.importorskip("vllm.renderers.hf")
+    template = chat_template_path("vicuna_v1").read_text()
+    assert hf_renderer._detect_content_format(template, default="string") == "openai"
+
+
 def test_template_rejects_other_roles():
     with pytest.raises(Exception, match="vicuna_v1 takes user and assistant turns"):
         render_prompt([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}])

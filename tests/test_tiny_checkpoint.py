@@ -22,6 +22,15 @@ from model_registry.vision_tower import load_vision_config, resolve_vision_tower
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # Two OpenMP threads on a busy 2-core machine spin against other processes (10x slower).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "pmod-tiny"
@@ -221,6 +230,15 @@ def test_bin_format_holds_the_same_weights(tmp_path, next_dir):
     assert from_bin.keys() == from_safetensors.keys()
     assert all(torch.equal(from_bin[name], from_safetensors[name]) for name in from_bin)
     check_checkpoint(path)
+    # One shard: the single-file names, no index.
+    for fmt, single in (("bin", "pytorch_model.bin"), ("safetensors", "model.safetensors")):
+        path = build_tiny_checkpoint(tmp_path / f"single-{fmt}", "next", seed=0, fmt=fmt, num_shards=1)
+        assert sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".safetensors", ".json")
+                      and "model" in p.name) == [single]
+        state = load_state_dict(path)
+        assert state.keys() == from_safetensors.keys() and torch.equal(state["lm_head.weight"],
+                                                                         from_safetensors["lm_head.weight"])
+        check_checkpoint(path)
 
 
 def test_cli_builds_the_same_checkpoint(tmp_path, v15_dir):
