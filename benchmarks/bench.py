@@ -21,7 +21,6 @@ import argparse
 import gc
 import itertools
 import json
-import math
 import os
 import sys
 import time

@@ -9,6 +9,7 @@ not change any count.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,11 +68,12 @@ class RequestTargets:
 
     ranges: tuple[tuple[int, int], ...]
 
-    @property
+    # Cached: the KV managers read these per request, per layer group and per scheduler step.
+    @functools.cached_property
     def num_targets(self) -> int:
         return sum(end - start for start, end in self.ranges)
 
-    @property
+    @functools.cached_property
     def span(self) -> tuple[int, int]:
         """First target position and one past the last: top-k needs all of it in one step."""
         if not self.ranges:

@@ -11,12 +11,18 @@ Configured by environment (set by `pmod-serve` flags; inherited by API server pr
   PMOD_MEDIA_ALLOWED_DOMAINS comma-separated domains; if set, only these (and subdomains)
   PMOD_MEDIA_MAX_BYTES       size cap per image (default 20 MiB)
   PMOD_MEDIA_TIMEOUT         seconds per fetch (default 10)
+
+Every image (fetched or given as a base64 `data:` URL) is also checked here: it must decode, be
+a readable image, and have a size between 1x1 and vLLM's pixel limit (`VLLM_MAX_IMAGE_PIXELS`),
+so that decompression bombs and empty images are refused with a 400 before anything decodes them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import io
 import ipaddress
 import json
 import os
@@ -24,6 +30,7 @@ import socket
 from urllib.parse import urlsplit
 
 import httpx
+from PIL import Image, UnidentifiedImageError
 
 CHAT_PATHS = ("/v1/chat/completions",)
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
@@ -35,6 +42,33 @@ class MediaError(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+def check_image_bytes(payload: bytes) -> None:
+    """Refuse what is not a readable image of a sane size, reading only its header."""
+    max_pixels = int(os.environ.get("VLLM_MAX_IMAGE_PIXELS", 178_956_970))
+    try:
+        with Image.open(io.BytesIO(payload)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as exc:
+        raise MediaError(f"image refused as a possible decompression bomb: {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise MediaError("image data is not a readable image") from exc
+    if width <= 0 or height <= 0:
+        raise MediaError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise MediaError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+
+
+def decode_data_url(url: str) -> bytes | None:
+    """The bytes of a base64 `data:` URL (None for other data URLs, which vLLM handles)."""
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        return None
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MediaError("image data URL is not valid base64") from exc
 
 
 def _split_env(name: str) -> list[str]:
@@ -99,9 +133,11 @@ class MediaPolicy:
             raise MediaError(f"fetching image {url[:100]!r} timed out after {self.timeout:g}s") from exc
         except httpx.HTTPError as exc:
             raise MediaError(f"fetching image {url[:100]!r} failed: {exc.__class__.__name__}") from exc
+        payload = b"".join(chunks)
+        check_image_bytes(payload)
         if not content_type.startswith("image/"):
             content_type = "image/png"  # vLLM sniffs the bytes; the type only labels the data URL
-        return f"data:{content_type};base64,{base64.b64encode(b''.join(chunks)).decode()}"
+        return f"data:{content_type};base64,{base64.b64encode(payload).decode()}"
 
 
 def _image_parts(body: dict):
@@ -164,7 +200,11 @@ class MediaGuardMiddleware:
             return body  # vLLM answers malformed JSON itself
         if not isinstance(request, dict):
             return body
-        remote = [p for p in _image_parts(request) if not p["url"].startswith("data:")]
+        parts = list(_image_parts(request))
+        for part in parts:
+            if part["url"].startswith("data:") and (payload := decode_data_url(part["url"])) is not None:
+                check_image_bytes(payload)
+        remote = [p for p in parts if not p["url"].startswith("data:")]
         if not remote:
             return body
         async with httpx.AsyncClient(timeout=self.policy.timeout, follow_redirects=False) as client:

@@ -41,8 +41,8 @@ def register() -> None:
     if TOKENIZER_MODE not in TokenizerRegistry.tokenizers:
         TokenizerRegistry.register(TOKENIZER_MODE, "pmod_serve.tokenizer", "PmodTokenizer")
     if TOKENIZER_MODE not in RENDERER_REGISTRY.renderers:
-        # Prompts and chats render as for any HF tokenizer; only encoding differs.
-        RENDERER_REGISTRY.register(TOKENIZER_MODE, "vllm.renderers.hf", "HfRenderer")
+        # vLLM's HF renderer, plus a check that <image> markers match the images.
+        RENDERER_REGISTRY.register(TOKENIZER_MODE, "pmod_serve.renderer", "PmodRenderer")
     MODELS_CONFIG_MAP[PMOD_ARCHITECTURE] = PmodEngineConfig
     register_kv_cache_spec()
     _register_chat_template_fallback()

@@ -83,7 +83,15 @@ class ReferenceCache:
             from pmod_serve.reference import PmodReference
 
             self._references[checkpoint] = PmodReference(checkpoint)
-        ids = self._references[checkpoint].generate(prompt, images, max_new_tokens)
+        # One thread: on a 2-core machine shared with engine threads, two are 3-20x slower.
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            ids = self._references[checkpoint].generate(prompt, images, max_new_tokens)
+        finally:
+            torch.set_num_threads(threads)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(ids))
         return ids
