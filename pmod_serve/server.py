@@ -7,6 +7,7 @@ It is `vllm serve` (the plugin is loaded through its entry point either way) plu
   - the registry's `vicuna_v1` chat template when the checkpoint has none (plain `vllm serve`
     gets it too, through the plugin's fallback registration);
   - `--limit-mm-per-prompt {"image": 4}`;
+  - `--shutdown-timeout 30`: on SIGTERM, stop accepting and drain in-flight requests for up to 30 s;
   - `pmod_serve.media_guard.MediaGuardMiddleware`: remote image URLs are fetched by the server
     itself with a timeout, a size cap, no redirects, and loopback/private addresses refused unless
     `--media-allow-host` allows them.
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_IMAGE_LIMIT = 4
+DEFAULT_SHUTDOWN_TIMEOUT = 30
 DEMO_DIR_ENV = "PMOD_DEMO_DIR"
 
 
@@ -46,6 +48,8 @@ def vllm_args(checkpoint: str | None, passthrough: list[str], demo: bool) -> lis
         args = ["--model", checkpoint, *args]
     defaults: list[tuple[str, str | None]] = [
         ("--limit-mm-per-prompt", f'{{"image": {DEFAULT_IMAGE_LIMIT}}}'),
+        # SIGTERM drains in-flight requests for up to this long (vLLM's default, 0, aborts them).
+        ("--shutdown-timeout", str(DEFAULT_SHUTDOWN_TIMEOUT)),
     ]
     if demo:
         defaults += [("--host", "127.0.0.1"), ("--port", "8000"), ("--max-model-len", "4096"),
