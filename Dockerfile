@@ -35,18 +35,19 @@ COPY loadtests ./loadtests
 
 # --no-deps: vLLM, torch and friends come from the base image and must not be re-resolved.
 # transformers is then pinned with its own dependencies. The last command fails the build if the
-# versions drift or the plugin entry point is not registered.
+# versions drift, the plugin entry point is not registered or the `pmod-serve` script (which the
+# entrypoint execs) is not on PATH.
 RUN python3 -m pip install --no-cache-dir --no-deps . \
     && python3 -m pip install --no-cache-dir "transformers==${TRANSFORMERS_VERSION}" \
     && if [ "${WITH_RAY}" = "1" ]; then \
          python3 -m pip install --no-cache-dir "ray[cgraph]==${RAY_VERSION}"; \
        fi \
-    && python3 -c "import importlib.metadata as m, sys; \
+    && python3 -c "import importlib.metadata as m, shutil, sys; \
 v = {d: m.version(d) for d in ('vllm', 'transformers', 'pmod-serve')}; print(v); \
 eps = [e for e in m.entry_points(group='vllm.general_plugins') if e.name == 'pmod']; \
 sys.exit(0 if v['vllm'] == '0.26.0' and v['transformers'] == '${TRANSFORMERS_VERSION}' \
-and len(eps) == 1 and eps[0].value == 'pmod_serve.plugin:register' \
-else 'version pin or vllm.general_plugins entry point mismatch')"
+and len(eps) == 1 and eps[0].value == 'pmod_serve.plugin:register' and shutil.which('pmod-serve') \
+else 'version pin, vllm.general_plugins entry point or pmod-serve console script mismatch')"
 
 COPY --chmod=0755 deploy/docker-entrypoint.sh /usr/local/bin/pmod-entrypoint
 

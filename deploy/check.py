@@ -14,7 +14,7 @@ Sections (`--only` selects some):
   schema      rendered objects vs Kubernetes JSON schemas (strict, offline; CRDs: deploy/schemas)
   k8s         semantic checks of the rendered manifests (ports, probes, security, GPUs, flags, ...)
   docker      hadolint + consistency of Dockerfile / .dockerignore / pyproject / vLLM's Dockerfile
-  entrypoint  shellcheck + a behavioural run of deploy/docker-entrypoint.sh with a stub `vllm`
+  entrypoint  shellcheck + a behavioural run of deploy/docker-entrypoint.sh with a stub `pmod-serve`
   metrics     deploy/metric_names.txt, Grafana dashboard, prometheus-adapter rules, HPA metrics
   docs        version strings in the docs agree with the Dockerfile
 """
@@ -60,6 +60,11 @@ PP_FLAGS = ("--pipeline-parallel-size", "-pp")
 REQUIRED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 PLUGIN_ENTRY_POINT = ("vllm.general_plugins", "pmod", "pmod_serve.plugin:register")
 CONSOLE_SCRIPT = ("pmod-serve",)
+# The entrypoint execs `pmod-serve <checkpoint> --port 8000 [flags]` (pmod_serve/server.py): it accepts
+# every `vllm serve` flag plus these options of its own (manifest args may use either).
+PMOD_SERVE_FLAGS = ("--media-allow-host", "--media-allowed-domain", "--media-max-bytes", "--media-timeout")
+# pmod-serve's default --shutdown-timeout (SIGTERM drains in-flight requests for up to this long).
+PMOD_SERVE_SHUTDOWN_TIMEOUT_S = 30
 # Kubernetes versions the rendered manifests must be valid for (oldest we support, newest known).
 K8S_MIN_VERSION = "1.30.0"
 MIN_STARTUP_BUDGET_S = 20 * 60  # a 7B model's first start: download + load
@@ -867,17 +872,19 @@ def check_k8s(
                     f"{ctag}: serves a supported checkpoint",
                     f"{the_model!r}",
                 )
-                # flags exist in vLLM 0.26's parser
+                # flags exist in vLLM 0.26's parser, or are pmod-serve's own options
                 for f, val in pairs:
                     if f == "":
                         rep.fail(s, f"{ctag}: stray positional argument {val!r} in args")
                         continue
                     if facts:
                         rep.check(
-                            f in facts.flags,
+                            f in facts.flags or f in PMOD_SERVE_FLAGS,
                             s,
-                            f"{ctag}: `vllm serve {f}` exists in vLLM {VLLM_VERSION}",
-                            "unknown flag (vllm/engine/arg_utils.py, vllm/entrypoints/openai/cli_args.py)",
+                            f"{ctag}: `pmod-serve {f}` is a `vllm serve` flag of vLLM {VLLM_VERSION} "
+                            "or a pmod-serve option",
+                            "unknown flag (vllm/engine/arg_utils.py, vllm/entrypoints/openai/cli_args.py, "
+                            f"pmod-serve: {', '.join(PMOD_SERVE_FLAGS)})",
                         )
                     if f in ("--api-key",):
                         rep.fail(
@@ -895,6 +902,18 @@ def check_k8s(
                         except ValueError:
                             rep.fail(s, f"{ctag}: --limit-mm-per-prompt value is not JSON: {val!r}")
                 fl = dict(pairs)
+                # pmod-serve drains for --shutdown-timeout after SIGTERM (after the preStop hook);
+                # the pod's grace period must outlast both, or the kubelet SIGKILLs mid-drain.
+                drain = _int(fl.get("--shutdown-timeout", PMOD_SERVE_SHUTDOWN_TIMEOUT_S))
+                pre = (((c.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command")
+                pre_s = _int(pre[1]) if isinstance(pre, list) and len(pre) == 2 and pre[0] == "sleep" else 0
+                grace = _int((tpl.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
+                rep.check(
+                    drain is not None and grace is not None and grace > (pre_s or 0) + drain,
+                    s,
+                    f"{ctag}: terminationGracePeriodSeconds > preStop sleep + pmod-serve --shutdown-timeout",
+                    f"grace={grace} preStop={pre_s} shutdown-timeout={drain}",
+                )
                 tp = _int(fl.get("--tensor-parallel-size", fl.get("-tp", "1")))
                 pp = _int(fl.get("--pipeline-parallel-size", fl.get("-pp", "1")))
                 # p-MoD refuses pipeline parallelism at start-up (pmod_serve/engine_config.py:
@@ -1289,6 +1308,11 @@ def check_docker(root: Path, tools: Tools, facts: VllmFacts | None, rep: Report)
         f"build-time assertion checks vllm == {VLLM_VERSION} and transformers == the pinned ARG",
     )
     rep.check(
+        "shutil.which('pmod-serve')" in runs,
+        s,
+        "build-time assertion checks the `pmod-serve` console script (the entrypoint execs it) is on PATH",
+    )
+    rep.check(
         '"transformers==${TRANSFORMERS_VERSION}"' in runs or "transformers==${TRANSFORMERS_VERSION}" in runs,
         s,
         "pip installs transformers==${TRANSFORMERS_VERSION}",
@@ -1490,33 +1514,38 @@ def check_docker(root: Path, tools: Tools, facts: VllmFacts | None, rep: Report)
 
 
 # =============================================================================================
-# entrypoint (shellcheck + behaviour with a stub vllm)
+# entrypoint (shellcheck + behaviour with stub `pmod-serve` / `vllm` commands)
 # =============================================================================================
 RAY_CALLS_KEY = "<ray calls>"
-STUB_VLLM = """#!/bin/sh
-{ for a in "$@"; do printf 'ARG %s\\n' "$a"; done; env | sed 's/^/ENV /'; } > "$PMOD_STUB_OUT"
+# Installed as both `pmod-serve` and `vllm`: records its own name first, then argv and env.
+STUB_SERVER = """#!/bin/sh
+{ printf 'ARG %s\\n' "${0##*/}"; for a in "$@"; do printf 'ARG %s\\n' "$a"; done
+  env | sed 's/^/ENV /'; } > "$PMOD_STUB_OUT"
 """
+SERVE_CMD = ["pmod-serve"]  # what the entrypoint must exec (argv[0] as the stub records it)
 
 
 def run_entrypoint(
     root: Path, args: list[str], env: dict[str, str], plugin: bool = True, timeout: int = 60
 ) -> tuple[int, list[str], dict[str, str], str]:
-    """Run deploy/docker-entrypoint.sh with a stub `vllm` that records argv and env.
+    """Run deploy/docker-entrypoint.sh with stub `pmod-serve` and `vllm` commands that record argv and env.
 
-    -> (exit code, argv given to `vllm`, env seen by `vllm`, stderr). argv is [] if vllm was not run.
+    -> (exit code, argv of the server command with its name first, e.g. ["pmod-serve", model, ...],
+    env it saw, stderr). argv is [] if no server command was run.
     The arguments of every `ray` CLI call are returned in the env dict under RAY_CALLS_KEY.
     """
     with tempfile.TemporaryDirectory() as td:
         t = Path(td)
         (t / "bin").mkdir()
-        (t / "bin" / "vllm").write_text(STUB_VLLM)
+        for name in ("pmod-serve", "vllm"):
+            (t / "bin" / name).write_text(STUB_SERVER)
         # isolated interpreter for the plugin preflight: no site-packages, only the stub dist
         (t / "bin" / "python3").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -S "$@"\n')
         # stub `ray` CLI (records its arguments) and `ray` module (reports PMOD_STUB_RAY_NODES live nodes)
         (t / "bin" / "ray").write_text(
             '#!/bin/sh\necho "$*" >> "$PMOD_STUB_RAY_OUT"\nexit "${PMOD_STUB_RAY_RC:-0}"\n'
         )
-        for f in ("vllm", "python3", "ray"):
+        for f in ("pmod-serve", "vllm", "python3", "ray"):
             (t / "bin" / f).chmod(0o755)
         site = t / "site"
         (site / "ray").mkdir(parents=True)
@@ -1599,16 +1628,30 @@ def check_entrypoint(root: Path, tools: Tools, dockerfile: DockerfileInfo | None
         "entrypoint lists the supported checkpoints",
     )
 
+    # pmod-serve (the exec'd console script) really defines the options manifests may use
+    server_py = root / "pmod_serve" / "server.py"
+    defined: set[str] = set()
+    if server_py.is_file():
+        for node in ast.walk(ast.parse(server_py.read_text(), str(server_py))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+                defined |= {a for a in map(_const_str, node.args) if a and a.startswith("-")}
+    rep.check(
+        set(PMOD_SERVE_FLAGS) <= defined,
+        s,
+        f"pmod_serve/server.py defines the pmod-serve options {', '.join(PMOD_SERVE_FLAGS)}",
+        f"missing {sorted(set(PMOD_SERVE_FLAGS) - defined)}",
+    )
+
     # behaviour
     cases: list[tuple[str, list[str], dict, bool, Callable[[int, list[str], dict, str], bool]]] = [
         (
-            "defaults: serves $PMOD_MODEL on port 8000 with the V1 runner",
+            "defaults: execs `pmod-serve $PMOD_MODEL --port 8000` with the V1 runner",
             [],
             {"PMOD_MODEL": DEFAULT_MODEL},
             True,
             lambda rc, a, e, err: (
                 rc == 0
-                and a == ["serve", DEFAULT_MODEL, "--port", str(SERVER_PORT)]
+                and a == [*SERVE_CMD, DEFAULT_MODEL, "--port", str(SERVER_PORT)]
                 and e.get("VLLM_USE_V2_MODEL_RUNNER") == "0"
                 and "HF_HUB_OFFLINE" not in e
             ),
@@ -1622,7 +1665,7 @@ def check_entrypoint(root: Path, tools: Tools, dockerfile: DockerfileInfo | None
                 rc == 0
                 and a
                 == [
-                    "serve",
+                    *SERVE_CMD,
                     DEFAULT_MODEL,
                     "--port",
                     str(SERVER_PORT),
@@ -1640,7 +1683,7 @@ def check_entrypoint(root: Path, tools: Tools, dockerfile: DockerfileInfo | None
             True,
             lambda rc, a, e, err: (
                 rc == 0
-                and a == ["serve", SUPPORTED_MODELS[1], "--port", str(SERVER_PORT), "--max-num-seqs", "8"]
+                and a == [*SERVE_CMD, SUPPORTED_MODELS[1], "--port", str(SERVER_PORT), "--max-num-seqs", "8"]
             ),
         ),
         (
@@ -1712,7 +1755,7 @@ def check_entrypoint(root: Path, tools: Tools, dockerfile: DockerfileInfo | None
             ),
         ),
         (
-            "ray-head starts Ray, waits for LWS_GROUP_SIZE nodes, then serves with the flags",
+            "ray-head starts Ray, waits for LWS_GROUP_SIZE nodes, then execs pmod-serve with the flags",
             ["ray-head", "--distributed-executor-backend", "ray", "--tensor-parallel-size", "2"],
             {"LWS_GROUP_SIZE": "2", "PMOD_STUB_RAY_NODES": "2"},
             True,
@@ -1720,7 +1763,7 @@ def check_entrypoint(root: Path, tools: Tools, dockerfile: DockerfileInfo | None
                 rc == 0
                 and a
                 == [
-                    "serve",
+                    *SERVE_CMD,
                     DEFAULT_MODEL,
                     "--port",
                     str(SERVER_PORT),
@@ -1762,7 +1805,7 @@ def check_entrypoint(root: Path, tools: Tools, dockerfile: DockerfileInfo | None
                 ok(rc, argv, seen, err),
                 s,
                 f"entrypoint: {desc}",
-                f"rc={rc} vllm argv={argv} stderr={err.strip()[-300:]!r}",
+                f"rc={rc} server argv={argv} stderr={err.strip()[-300:]!r}",
             )
 
 

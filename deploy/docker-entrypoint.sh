@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # pmod-serve container entrypoint (installed as /usr/local/bin/pmod-entrypoint by the Dockerfile).
 #
+# Serving is `pmod-serve <checkpoint> --port 8000 [flags]` (the package's console script:
+# `vllm serve` plus production defaults: --limit-mm-per-prompt {"image": 4}, --shutdown-timeout 30
+# (SIGTERM drains in-flight requests for up to 30 s) and the SSRF-safe media guard middleware).
+# Flags: any `vllm serve` flag, plus pmod-serve's --media-allow-host, --media-allowed-domain,
+# --media-max-bytes and --media-timeout.
+#
 # Usage (arguments after the image name):
 #   (none)                         serve $PMOD_MODEL (default MCG-NJU/p-MoD-LLaVA-NeXT-7B)
-#   --flag ...                     serve $PMOD_MODEL with extra `vllm serve` flags
+#   --flag ...                     serve $PMOD_MODEL with extra pmod-serve / `vllm serve` flags
 #   <checkpoint> [--flag ...]      serve <checkpoint> (hub id or local path) with extra flags
 #   ray-head [<checkpoint>] [--flag ...]
-#                                  start a Ray head, wait for PMOD_RAY_CLUSTER_SIZE nodes, then serve
+#                                  start a Ray head, wait for PMOD_RAY_CLUSTER_SIZE nodes, then pmod-serve
 #                                  (add --distributed-executor-backend ray and the parallel sizes)
 #   ray-worker                     join the Ray cluster at PMOD_RAY_HEAD_ADDRESS and block
 #
@@ -101,8 +107,9 @@ serve() {
   check_model "$model"
   warn_args "$@"
   preflight
-  log "vllm serve ${model} --port ${PMOD_PORT} $* (VLLM_USE_V2_MODEL_RUNNER=${VLLM_USE_V2_MODEL_RUNNER}, HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}, api key: $([[ -n "${VLLM_API_KEY:-}" ]] && echo set || echo unset))"
-  exec vllm serve "$model" --port "${PMOD_PORT}" "$@"
+  log "pmod-serve ${model} --port ${PMOD_PORT} $* (VLLM_USE_V2_MODEL_RUNNER=${VLLM_USE_V2_MODEL_RUNNER}, HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}, api key: $([[ -n "${VLLM_API_KEY:-}" ]] && echo set || echo unset))"
+  # pmod-serve takes the checkpoint as its FIRST argument; everything after it is flags.
+  exec pmod-serve "$model" --port "${PMOD_PORT}" "$@"
 }
 
 ray_head() {

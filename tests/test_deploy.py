@@ -189,7 +189,17 @@ K8S_MUTATIONS: dict[str, tuple[str, Callable[[list], None], str]] = {
     "unknown vllm flag": (
         "single-gpu",
         lambda o: _server(o)["args"].extend(["--max-model-length", "4096"]),
-        "`vllm serve --max-model-length` exists in vLLM 0.26.0",
+        "`pmod-serve --max-model-length` is a `vllm serve` flag of vLLM 0.26.0 or a pmod-serve option",
+    ),
+    "grace period shorter than pmod-serve's drain": (
+        "single-gpu",
+        lambda o: _obj(o, "Deployment")["spec"]["template"]["spec"].update(terminationGracePeriodSeconds=30),
+        "terminationGracePeriodSeconds > preStop sleep + pmod-serve --shutdown-timeout",
+    ),
+    "shutdown timeout raised past the grace period": (
+        "single-gpu",
+        lambda o: _server(o)["args"].extend(["--shutdown-timeout", "300"]),
+        "terminationGracePeriodSeconds > preStop sleep + pmod-serve --shutdown-timeout",
     ),
     "api key on the command line": (
         "single-gpu",
@@ -527,8 +537,8 @@ FILE_MUTATIONS: dict[str, tuple[list[str], str, str, str, str]] = {
     "entrypoint drops extra args": (
         ["entrypoint"],
         "deploy/docker-entrypoint.sh",
-        'exec vllm serve "$model" --port "${PMOD_PORT}" "$@"',
-        'exec vllm serve "$model" --port "${PMOD_PORT}"',
+        'exec pmod-serve "$model" --port "${PMOD_PORT}" "$@"',
+        'exec pmod-serve "$model" --port "${PMOD_PORT}"',
         "extra flags are passed through unchanged",
     ),
     "entrypoint forgets the V1 runner": (
@@ -541,9 +551,30 @@ FILE_MUTATIONS: dict[str, tuple[list[str], str, str, str, str]] = {
     "entrypoint puts the key in argv": (
         ["entrypoint"],
         "deploy/docker-entrypoint.sh",
-        'exec vllm serve "$model" --port "${PMOD_PORT}" "$@"',
-        'exec vllm serve "$model" --port "${PMOD_PORT}" --api-key "${VLLM_API_KEY:-}" "$@"',
+        'exec pmod-serve "$model" --port "${PMOD_PORT}" "$@"',
+        'exec pmod-serve "$model" --port "${PMOD_PORT}" --api-key "${VLLM_API_KEY:-}" "$@"',
         "not argv",
+    ),
+    "entrypoint reverts to plain vllm serve": (
+        ["entrypoint"],
+        "deploy/docker-entrypoint.sh",
+        'exec pmod-serve "$model" --port "${PMOD_PORT}" "$@"',
+        'exec vllm serve "$model" --port "${PMOD_PORT}" "$@"',
+        "execs `pmod-serve $PMOD_MODEL --port 8000`",
+    ),
+    "entrypoint puts the checkpoint after the flags": (
+        ["entrypoint"],
+        "deploy/docker-entrypoint.sh",
+        'exec pmod-serve "$model" --port "${PMOD_PORT}" "$@"',
+        'exec pmod-serve --port "${PMOD_PORT}" "$model" "$@"',
+        "execs `pmod-serve $PMOD_MODEL --port 8000`",
+    ),
+    "Dockerfile build no longer asserts pmod-serve": (
+        ["docker"],
+        "Dockerfile",
+        " and shutil.which('pmod-serve')",
+        "",
+        "checks the `pmod-serve` console script",
     ),
     "entrypoint shellcheck": (
         ["entrypoint"],
@@ -647,6 +678,18 @@ def test_file_check_catches(case, repo_copy, tools, full_report):
     assert expected in got, f"expected a new failure containing {expected!r}, got:\n{got or '(none)'}"
 
 
+def test_pmod_serve_must_define_the_media_options(repo_copy, tools, full_report):
+    """Manifests may use pmod-serve's --media-* options only while pmod_serve/server.py defines them."""
+    (repo_copy / "pmod_serve").unlink()  # a real copy: never edit the symlinked source tree
+    shutil.copytree(
+        ROOT / "pmod_serve", repo_copy / "pmod_serve", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    _edit(repo_copy, "pmod_serve/server.py", '"--media-timeout"', '"--media-fetch-timeout"')
+    got = _new_failures(repo_copy, ["entrypoint"], tools, full_report)
+    assert "pmod_serve/server.py defines the pmod-serve options" in got, got
+    assert "--media-timeout" in (ROOT / "pmod_serve" / "server.py").read_text()
+
+
 def test_new_package_directory_must_be_copied_into_the_image(repo_copy, tools, full_report):
     """A package directory that pyproject's discovery picks up (`pmod_serve*`) must be COPYed."""
     pkg = repo_copy / "pmod_serve_extra"
@@ -705,8 +748,41 @@ def test_promql_metric_extraction(expr, metrics):
 def test_entrypoint_exact_command(tools):
     rc, argv, env, err = check.run_entrypoint(ROOT, ["--max-model-len", "4096"], {"PMOD_OFFLINE": "1"})
     assert rc == 0, err
-    assert argv == ["serve", "MCG-NJU/p-MoD-LLaVA-NeXT-7B", "--port", "8000", "--max-model-len", "4096"]
+    assert argv == ["pmod-serve", "MCG-NJU/p-MoD-LLaVA-NeXT-7B", "--port", "8000", "--max-model-len", "4096"]
     assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+
+
+def test_entrypoint_ray_head_execs_pmod_serve(tools):
+    """The multinode leader (`ray-head`) serves through pmod-serve too, checkpoint first."""
+    rc, argv, env, err = check.run_entrypoint(
+        ROOT,
+        ["ray-head", "MCG-NJU/p-MoD-LLaVA-v1.5-7B", "--media-max-bytes", "1000000"],
+        {"LWS_GROUP_SIZE": "2", "PMOD_STUB_RAY_NODES": "2"},
+    )
+    assert rc == 0, err
+    assert argv == [
+        "pmod-serve",
+        "MCG-NJU/p-MoD-LLaVA-v1.5-7B",
+        "--port",
+        "8000",
+        "--media-max-bytes",
+        "1000000",
+    ]
+
+
+def test_multinode_leader_uses_the_pmod_serve_path(rendered):
+    """The LWS leader goes through the entrypoint's `ray-head` mode (-> pmod-serve), no command override."""
+    leader = _lws_leader(_overlay(rendered, "multinode"))
+    assert not leader.get("command") and leader["args"][0] == "ray-head"
+
+
+@pytest.mark.parametrize("flag", check.PMOD_SERVE_FLAGS)
+def test_pmod_serve_options_are_accepted_in_manifests(flag, rendered, facts, adapter_names, dockerfile):
+    objs = copy.deepcopy(rendered)
+    _server(_overlay(objs, "single-gpu"))["args"].extend([flag, "1"])
+    rep = _quiet()
+    check.check_k8s(ROOT, objs, facts, adapter_names, dockerfile, rep)
+    assert not rep.failures, _failures(rep)
 
 
 def test_metric_names_file_format():
