@@ -41,10 +41,11 @@ def data_url(image: Image.Image) -> str:
 
 
 def wait_healthy(base_url: str, process: subprocess.Popen, timeout: float = 600) -> None:
+    """Wait until `base_url/health` answers 200; fail early if the server process exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"pmod-serve exited with code {process.returncode}")
+            raise RuntimeError(f"the server exited with code {process.returncode}")
         try:
             with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
                 if response.status == 200:
@@ -52,7 +53,7 @@ def wait_healthy(base_url: str, process: subprocess.Popen, timeout: float = 600)
         except OSError:
             pass
         time.sleep(2)
-    raise SystemExit(f"pmod-serve did not become healthy within {timeout:.0f}s")
+    raise TimeoutError(f"the server did not become healthy within {timeout:.0f}s")
 
 
 def pmod_metrics(base_url: str) -> dict[str, float]:

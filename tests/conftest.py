@@ -162,20 +162,12 @@ class ServerProcess:
         )
 
     def wait_ready(self, timeout: float = 600) -> None:
-        import time
-        import urllib.request
+        from pmod_serve.demo import wait_healthy
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited ({self.process.returncode}); log: {self.log_path}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(1)
-        raise TimeoutError(f"server not ready after {timeout}s; log: {self.log_path}")
+        try:
+            wait_healthy(self.base_url, self.process, timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}; log: {self.log_path}") from exc
 
     def stop(self) -> None:
         import signal
