@@ -41,6 +41,10 @@ OUTPUT_TOKENS = 128
 _seed = itertools.count(1000)
 
 
+def tokens_label(max_tokens: int) -> str:
+    return f"max_tokens={max_tokens} (prefill + decode)"
+
+
 def engine_kwargs(args) -> dict:
     kwargs = dict(
         model=str(args.model_dir),
@@ -118,6 +122,20 @@ class Bench:
         return (max(ends) - min(starts)) if starts and ends else None
 
     @staticmethod
+    def max_concurrent_decoding(outputs):
+        """Most requests between their first and last token at one time (engine clock)."""
+        events = []
+        for o in outputs:
+            m = o.metrics
+            if m is not None and m.first_token_ts and m.last_token_ts:
+                events += [(m.first_token_ts, 1), (m.last_token_ts, -1)]
+        best = current = 0
+        for _, delta in sorted(events, key=lambda e: (e[0], e[1])):
+            current += delta
+            best = max(best, current)
+        return best
+
+    @staticmethod
     def per_request(outputs):
         ttft, tpot, prompt_lens, out_lens = [], [], [], []
         for out in outputs:
@@ -145,9 +163,11 @@ class Bench:
         summary = self.scheduler_summary()
         prompt_len = len(outputs[0].prompt_token_ids)
         measured = summary.get("peak_kv_cache_usage", 0.0) * kv_info["pool_bytes"]
+        usage = summary.get("peak_kv_cache_usage") or None
         return {"prompt_tokens": prompt_len, "output_tokens": len(outputs[0].outputs[0].token_ids),
-                "peak_kv_cache_usage": summary.get("peak_kv_cache_usage"),
-                "kv_bytes_measured": measured, "seconds": seconds}
+                "peak_kv_cache_usage": usage, "kv_bytes_measured": measured,
+                # How many such requests the engine's block pool holds at once (vLLM's own usage gauge).
+                "capacity_measured": int(1.0 / usage) if usage else None, "seconds": seconds}
 
     def ttft_bs1(self, reps=5):
         walls, engine = [], []
@@ -176,6 +196,7 @@ class Bench:
                 "ttft_s_median": median(ttft), "output_tokens_per_s": sum(out_lens) / seconds,
                 "requests_per_s": batch / seconds, "prompt_tokens_median": median(prompt_lens),
                 "engine_span_s": self.engine_span(outputs),
+                "max_concurrent_decoding": self.max_concurrent_decoding(outputs),
                 **self.scheduler_summary()}
 
     def throughput(self, num_requests):
@@ -201,19 +222,19 @@ class Bench:
                 "ttft_s_median": median(ttfts), "prompt_tokens": len(outputs[0].prompt_token_ids),
                 "output_tokens": OUTPUT_TOKENS}
 
-    def profile_bs32(self, out_prefix: Path, batch=32, max_tokens=48):
-        result = {}
-        self.llm.collective_rpc(common.rpc_step_timer_start, timeout=120)
-        self.run([self.image_request() for _ in range(batch)], max_tokens)
-        result["step_timer"] = self.llm.collective_rpc(common.rpc_step_timer_stop, timeout=120)[0]
-        if not self.args.no_torch_profiler:
+    def profile(self, out_prefix: Path, batch=32, max_tokens=24):
+        """torch.profiler summaries (worker side) of one batch-1 prefill and of a batch-32 run."""
+        if self.args.no_torch_profiler:
+            return {}
+        texts = []
+        for label, requests, tokens in (("prefill, batch 1, one 672x672 image (max_tokens=1)", [self.image_request()], 1),
+                                        (f"batch {batch}, {tokens_label(max_tokens)}", [self.image_request() for _ in range(batch)], max_tokens)):
             self.llm.collective_rpc(common.rpc_profiler_start, timeout=120)
-            self.run([self.image_request() for _ in range(batch)], 24)
-            table = self.llm.collective_rpc(common.rpc_profiler_stop, timeout=300)[0]
-            path = out_prefix.with_suffix(".profile.txt")
-            path.write_text(table)
-            result["torch_profiler_table"] = path.name
-        return result
+            self.run(requests, tokens)
+            texts.append(f"######## {label}\n" + self.llm.collective_rpc(common.rpc_profiler_stop, timeout=300)[0])
+        path = out_prefix.with_suffix(".profile.txt")
+        path.write_text("\n".join(texts))
+        return {"torch_profiler_table": path.name}
 
 
 def main() -> None:
@@ -235,6 +256,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--phases", default="all")
     parser.add_argument("--no-torch-profiler", action="store_true")
+    parser.add_argument("--time-budget-s", type=float, default=None, help="skip the phases that would start later")
     args = parser.parse_args()
 
     import torch
@@ -281,25 +303,44 @@ def main() -> None:
         ("warmup", lambda: bench.warmup()),
         ("kv_one_request", lambda: bench.kv_one_request(result["kv_cache"])),
         ("ttft_bs1", lambda: bench.ttft_bs1(reps=2 if tiny else 5)),
+        ("text_only", lambda: bench.text_only(reps=1 if tiny else 3)),
         ("prefill_bs16", lambda: bench.prefill_bs16(reps=1 if tiny else 3, batch=4 if tiny else 16)),
         ("decode_bs32", lambda: bench.decode(4 if tiny else 32)),
+        ("profile", lambda: bench.profile(args.out, batch=4 if tiny else 32, max_tokens=8 if tiny else 24)),
         ("decode_bs128", lambda: bench.decode(8 if tiny else 128)),
         ("throughput", lambda: bench.throughput(8 if tiny else args.num_requests)),
-        ("text_only", lambda: bench.text_only(reps=1 if tiny else 3)),
-        ("profile_bs32", lambda: bench.profile_bs32(args.out, batch=4 if tiny else 32, max_tokens=8 if tiny else 48)),
     ]
     wanted = None if args.phases == "all" else set(args.phases.split(","))
+    try:
+        llm.collective_rpc(common.rpc_step_timer_start, timeout=120)
+        timer = True
+    except Exception:
+        result["errors"]["step_timer"] = traceback.format_exc()[-2000:]
+        timer = False
+    result["step_timers"] = {}
     for name, phase in phases:
         if wanted is not None and name not in wanted and name != "warmup":
             continue
+        if args.time_budget_s and time.perf_counter() - start > args.time_budget_s:
+            result["errors"][name] = "skipped: time budget"
+            continue
         t0 = time.perf_counter()
+        if timer:
+            llm.collective_rpc(common.rpc_step_timer_start, timeout=120)
         try:
             result[name] = phase()
         except Exception:
             result["errors"][name] = traceback.format_exc()[-3000:]
             print(result["errors"][name], file=sys.stderr, flush=True)
+        if timer:
+            try:
+                result["step_timers"][name] = llm.collective_rpc(common.rpc_step_timer_stop, timeout=120)[0]
+            except Exception:
+                result["errors"][f"step_timer_{name}"] = traceback.format_exc()[-2000:]
         print(f"[bench {args.engine}] {name}: {time.perf_counter() - t0:.1f}s "
               f"{json.dumps(result.get(name), default=str)[:400]}", flush=True)
+        print(f"[bench {args.engine}] {name} steps: "
+              f"{json.dumps(result['step_timers'].get(name), default=str)[:700]}", flush=True)
         save()
     result["total_s"] = time.perf_counter() - start
     save()

@@ -205,7 +205,9 @@ def rpc_step_timer_stop(self) -> dict:
 
     decode = [r for r in rows if r["tokens"] == r["reqs"]]
     other = [r for r in rows if r["tokens"] != r["reqs"]]
-    return {"decode_steps": summary(decode), "prefill_or_mixed_steps": summary(other), "num_steps": len(rows)}
+    slowest = sorted(rows, key=lambda r: -(r["period_ms"] or r["host_ms"] or 0))[:6]
+    return {"decode_steps": summary(decode), "prefill_or_mixed_steps": summary(other), "num_steps": len(rows),
+            "slowest_steps": slowest}
 
 
 def rpc_profiler_start(self) -> bool:

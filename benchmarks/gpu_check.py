@@ -169,7 +169,7 @@ def part_bench(engine: str, out: Path, models: Path, tiny: bool, extra: list[str
     if tiny:
         cmd += ["--tiny", "--dtype", "float32", "--max-num-batched-tokens", "4096", "--gpu-memory-utilization", "0.3"]
     elif has_cuda():
-        cmd += ["--attention-backend", "FLASH_ATTN"]
+        cmd += ["--attention-backend", "FLASH_ATTN", "--time-budget-s", "420"]
     cmd += extra
     env = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
     if not has_cuda():
@@ -239,8 +239,12 @@ def part_report(out: Path, results_dir: Path, command: str, tiny: bool) -> dict:
     rows = {
         "kv_bytes_per_request": (kv_base.get("kv_bytes_per_request_measured"), kv_pmod.get("kv_bytes_per_request_measured")),
         "kv_bytes_per_request_blocks": (kv_base.get("kv_bytes_per_request_blocks"), kv_pmod.get("kv_bytes_per_request_blocks")),
-        "max_concurrency": (get(base, "decode_bs128", "peak_running"), get(pmod, "decode_bs128", "peak_running")),
+        "max_concurrency": (get(base, "kv_one_request", "capacity_measured"), get(pmod, "kv_one_request", "capacity_measured")),
         "capacity_by_blocks": (kv_base.get("capacity_by_blocks"), kv_pmod.get("capacity_by_blocks")),
+        "vllm_reported_concurrency_at_max_model_len": (kv_base.get("vllm_max_concurrency_at_max_model_len"),
+                                                       kv_pmod.get("vllm_max_concurrency_at_max_model_len")),
+        "max_concurrent_decoding_128_submitted": (get(base, "decode_bs128", "max_concurrent_decoding"),
+                                                  get(pmod, "decode_bs128", "max_concurrent_decoding")),
         "ttft_bs1": (get(base, "ttft_bs1", "ttft_wall_s_median"), get(pmod, "ttft_bs1", "ttft_wall_s_median")),
         "prefill_tok_s_bs16": (get(base, "prefill_bs16", "prefill_tokens_per_s"), get(pmod, "prefill_bs16", "prefill_tokens_per_s")),
         "tpot_bs32": (get(base, "decode_bs32", "tpot_s_median"), get(pmod, "decode_bs32", "tpot_s_median")),
@@ -322,8 +326,11 @@ def markdown(result: dict) -> str:
 
     row("KV bytes per request (measured: peak KV usage x pool)", "kv_bytes_per_request", "GiB")
     row("KV bytes per request (block accounting)", "kv_bytes_per_request_blocks", "GiB", target_key="-")
-    row("max concurrent requests (measured peak running, 128 submitted)", "max_concurrency")
-    row("capacity by blocks (pool / bytes per request)", "capacity_by_blocks", target_key="-")
+    row("max concurrent requests (measured: 1 / KV usage of one request)", "max_concurrency")
+    row("max concurrent requests (block accounting: pool / bytes per request)", "capacity_by_blocks", target_key="-")
+    row("vLLM's reported max concurrency (at max_model_len, dense)", "vllm_reported_concurrency_at_max_model_len",
+        target_key="-")
+    row("most requests decoding at once (128 submitted)", "max_concurrent_decoding_128_submitted", target_key="-")
     row("TTFT, batch 1, one image", "ttft_bs1", "s")
     row("prefill throughput, batch 16 (prompt tokens/s)", "prefill_tok_s_bs16", target_key="-")
     row("decode time per output token, batch 32", "tpot_bs32", "s")

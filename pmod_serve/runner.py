@@ -102,6 +102,20 @@ class PmodLayout:
     buffers: list[RatioBuffers]  # per ratio index
 
 
+def _copy_graph_state(source_builder, builder, metadata) -> None:
+    """Give `builder` its own copy of the persistent state `source_builder` just computed.
+
+    A full CUDA graph reads the buffers its group's builder owned at capture time; FlashAttention 3
+    keeps its AOT scheduler metadata in such a buffer (`scheduler_metadata`)."""
+    source = getattr(source_builder, "scheduler_metadata", None)
+    own = getattr(builder, "scheduler_metadata", None)
+    used = getattr(metadata, "scheduler_metadata", None)
+    if isinstance(source, torch.Tensor) and isinstance(own, torch.Tensor) and used is not None:
+        if own is not source:
+            own.copy_(source, non_blocking=True)
+        metadata.scheduler_metadata = own[: used.shape[0]]
+
+
 class PmodRunnerMixin:
     """Mixed into vLLM's V1 GPU or CPU model runner for p-MoD models."""
 
@@ -319,10 +333,14 @@ class PmodRunnerMixin:
             return super()._build_attention_metadata(*args, **kwargs)
         if args:
             raise TypeError("p-MoD: _build_attention_metadata expects keyword arguments (vLLM 0.26)")
-        # vLLM builds the ordinary groups; the p-MoD groups are built below, from their own
-        # (compacted, persistent) inputs, so they are hidden from the base class meanwhile.
+        # Every group is built below, each by its own metadata builder: the p-MoD groups from their
+        # own (compacted, persistent) inputs, the ordinary ones from vLLM's. vLLM's shortcut for
+        # groups of one spec (`update_block_table`: one build shared by all of them) is wrong under
+        # full CUDA graphs with FlashAttention 3: each group's graph was captured reading its own
+        # builder's scheduler-metadata buffer, which the shortcut never refreshes. So the base
+        # class sees no attention groups (it still pads the block tables for CUDA graphs).
         saved_groups = self.attn_groups
-        self.attn_groups = [[] if gid in layout.group_ratio else groups for gid, groups in enumerate(saved_groups)]
+        self.attn_groups = [[] for _ in saved_groups]
         try:
             attn_metadata, spec_decode_metadata = super()._build_attention_metadata(*args, **kwargs)
         finally:
@@ -409,22 +427,54 @@ class PmodRunnerMixin:
                 )
             common_by_ratio.append(common)
 
-        for gid, k in layout.group_ratio.items():
-            common = CommonAttentionMetadata(
-                **common_by_ratio[k],
-                num_reqs=num_reqs_padded,
-                # The base class filled the padded rows with the null block.
-                block_table_tensor=self.input_batch.block_table[gid].get_device_tensor(num_reqs_padded),
-                slot_mapping=slot_mappings[gid],
-                causal=True,
-                is_prefilling=is_prefilling,
-            )
-            for attn_group in self.attn_groups[gid]:
+        # Ordinary layers: vLLM's own (persistent) inputs, as vLLM would build them.
+        seq_lens_cpu_full = self.optimistic_seq_lens_cpu[:num_reqs_padded]
+        common_full = dict(
+            query_start_loc=self.query_start_loc.gpu[: num_reqs_padded + 1],
+            query_start_loc_cpu=self.query_start_loc.cpu[: num_reqs_padded + 1],
+            seq_lens=self.seq_lens[:num_reqs_padded],
+            _seq_lens_cpu=seq_lens_cpu_full,
+            _num_computed_tokens_cpu=num_computed_all,
+            seq_lens_cpu_upper_bound=seq_lens_cpu_full,
+            num_actual_tokens=num_tokens_padded,
+            max_query_len=max_query_len,
+            max_seq_len=max_seq_len_full,
+            positions=self.positions[:num_tokens_padded],
+        )
+
+        # Groups whose inputs agree share one build: all of them in a step without images (compacted
+        # and full lengths are equal), else one per retention ratio plus one for the ordinary
+        # layers. The others take the shared metadata with their own block table and slot mapping,
+        # and their own copy of any persistent builder state a CUDA graph reads (FlashAttention 3's
+        # scheduler metadata). Capture always builds each group from its own inputs.
+        shared: dict[object, tuple] = {}
+        for gid in range(len(self.kv_cache_config.kv_cache_groups)):
+            k = layout.group_ratio.get(gid)
+            block_table = self.input_batch.block_table[gid].get_device_tensor(num_reqs_padded)
+            key = ("full" if step is None or k is None else k)
+            for index, attn_group in enumerate(self.attn_groups[gid]):
                 builder = attn_group.get_metadata_builder()
-                if for_cudagraph_capture:
-                    metadata = builder.build_for_cudagraph_capture(common)
+                cache_key = (key, index, type(builder), attn_group.kv_cache_spec.page_size_bytes)
+                first = shared.get(cache_key)
+                if for_cudagraph_capture or first is None or not builder.supports_update_block_table:
+                    # The base class filled the padded rows of the block table with the null block.
+                    common = CommonAttentionMetadata(
+                        **(common_full if k is None else common_by_ratio[k]),
+                        num_reqs=num_reqs_padded,
+                        block_table_tensor=block_table,
+                        slot_mapping=slot_mappings[gid],
+                        causal=True,
+                        is_prefilling=is_prefilling,
+                    )
+                    if for_cudagraph_capture:
+                        metadata = builder.build_for_cudagraph_capture(common)
+                    else:
+                        metadata = builder.build(common_prefix_len=0, common_attn_metadata=common)
+                        shared.setdefault(cache_key, (builder, metadata))
                 else:
-                    metadata = builder.build(common_prefix_len=0, common_attn_metadata=common)
+                    first_builder, first_metadata = first
+                    metadata = first_builder.update_block_table(first_metadata, block_table, slot_mappings[gid])
+                    _copy_graph_state(first_builder, builder, metadata)
                 for layer_name in attn_group.layer_names:
                     attn_metadata[layer_name] = metadata
 

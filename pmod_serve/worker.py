@@ -22,3 +22,12 @@ class PmodGPUWorker(Worker):
         self.model_runner = PmodGPUModelRunner(self.vllm_config, self.device)
         if isinstance(self.device, torch.device) and self.device.type == "cuda":
             torch.cuda.empty_cache()
+        if self.model_config.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+            # A float32 model computes in IEEE float32: vLLM already keeps matmuls off TF32; cuDNN
+            # convolutions (the CLIP patch embedding) and fused SDPA kernels (the CLIP attention)
+            # may still use TF32, and p-MoD's top-k routing can turn that error into different
+            # kept tokens. Only float32 models are affected (bf16/fp16 never use TF32).
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
+            torch.backends.cuda.enable_cudnn_sdp(False)
