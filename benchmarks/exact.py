@@ -87,6 +87,47 @@ def teacher_forced_logprobs(reference, prompt, images, tokens):
     return result
 
 
+def noise_floor(checkpoint: Path, variant: str) -> dict:
+    """How far the reference itself, run in bfloat16 (CPU), lands from the float32 reference.
+
+    Same statistics as the engine's tolerance check (teacher-forced float32 reference along the
+    bf16 run's own greedy tokens): the bf16 noise floor of the checkpoint, against which the
+    engine's bf16 deviation is judged."""
+    import torch
+
+    from pmod_serve.reference import PmodReference
+
+    r32 = PmodReference(checkpoint, dtype=torch.float32)
+    r16 = PmodReference(checkpoint, dtype=torch.bfloat16)
+    out = {}
+    for name, prompt, images in cases(variant):
+        with torch.no_grad():
+            inputs = r16.prompt_inputs(prompt, images)
+            caches = r16._new_caches()
+            num_prompt = len(inputs.token_ids)
+            hidden, _ = r16.model(r16.embed_prompt(inputs, images), torch.arange(num_prompt), caches,
+                                  inputs.target_mask)
+            tokens, logprobs = [], []
+            for i in range(NEW_TOKENS):
+                lp = torch.log_softmax(r16.module.lm_head(hidden[-1]).float(), -1)
+                token = int(lp.argmax())
+                tokens.append(token)
+                logprobs.append(lp)
+                if i == NEW_TOKENS - 1:
+                    break
+                hidden, _ = r16.model(r16.model.embed_tokens(torch.tensor([token])),
+                                      torch.tensor([num_prompt + i]), caches)
+        ref = teacher_forced_logprobs(r32, prompt, images, tokens)
+        out[name] = {
+            "max_regret_nats": max(float(r.max() - r[t]) for t, r in zip(tokens, ref)),
+            "max_logprob_error_nats": max(
+                max(abs(float(lp[j]) - float(r[j])) for j in torch.topk(lp, 5).indices.tolist())
+                for lp, r in zip(logprobs, ref)),
+        }
+        print(name, out[name], flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -98,12 +139,19 @@ def main() -> None:
     parser.add_argument("--tie-margin", type=float, default=0.1)
     parser.add_argument("--max-logprob-error", type=float, default=0.25)
     parser.add_argument("--capture-sizes", default="1,2,4,8,16")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--name", default=None)
     parser.add_argument("--reference-cache", type=Path, default=None,
                         help="JSON of the reference's greedy tokens per case (computed once, reused)")
     parser.add_argument("--reference-only", action="store_true", help="fill --reference-cache and exit")
+    parser.add_argument("--noise-floor", type=Path, default=None,
+                        help="write the reference-in-bf16 noise floor of --checkpoint to this JSON and exit")
     args = parser.parse_args()
+
+    if args.noise_floor:
+        write_json(args.noise_floor, {"checkpoint": str(args.checkpoint), "new_tokens": NEW_TOKENS,
+                                      "cases": noise_floor(args.checkpoint, args.variant)})
+        return
 
     import torch
 

@@ -205,17 +205,12 @@ class PmodDecoderLayer(nn.Module):
         weights = torch.empty_like(logits)
         kept = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         kept[target_index] = False
-        num_kept_tokens = x.shape[0]
         for start, end in routing.segments:
             weights[start:end] = self.weight_norm.apply(logits[start:end])
             num_kept = kept_target_count(end - start, self.retention_ratio)
             top = torch.topk(weights[start:end], num_kept).indices
             kept[target_index[start:end][top]] = True
-            num_kept_tokens -= end - start - num_kept
-        # The kept tokens' batch indices in ascending order. The count is known on the host, so a
-        # stable sort replaces `kept.nonzero()`, which would stall the host on the device once per
-        # layer (24 times per prefill step).
-        kept_index = torch.argsort((~kept).to(torch.uint8), stable=True)[:num_kept_tokens]
+        kept_index = kept.nonzero().squeeze(1)
 
         # The decoder layer on the kept tokens only, in their original order and positions:
         # exactly what the compacted attention metadata of this layer's KV group expects.

@@ -102,20 +102,6 @@ class PmodLayout:
     buffers: list[RatioBuffers]  # per ratio index
 
 
-def _copy_graph_state(source_builder, builder, metadata) -> None:
-    """Give `builder` its own copy of the persistent state `source_builder` just computed.
-
-    A full CUDA graph reads the buffers its group's builder owned at capture time; FlashAttention 3
-    keeps its AOT scheduler metadata in such a buffer (`scheduler_metadata`)."""
-    source = getattr(source_builder, "scheduler_metadata", None)
-    own = getattr(builder, "scheduler_metadata", None)
-    used = getattr(metadata, "scheduler_metadata", None)
-    if isinstance(source, torch.Tensor) and isinstance(own, torch.Tensor) and used is not None:
-        if own is not source:
-            own.copy_(source, non_blocking=True)
-        metadata.scheduler_metadata = own[: used.shape[0]]
-
-
 class PmodRunnerMixin:
     """Mixed into vLLM's V1 GPU or CPU model runner for p-MoD models."""
 
@@ -442,39 +428,23 @@ class PmodRunnerMixin:
             positions=self.positions[:num_tokens_padded],
         )
 
-        # Groups whose inputs agree share one build: all of them in a step without images (compacted
-        # and full lengths are equal), else one per retention ratio plus one for the ordinary
-        # layers. The others take the shared metadata with their own block table and slot mapping,
-        # and their own copy of any persistent builder state a CUDA graph reads (FlashAttention 3's
-        # scheduler metadata). Capture always builds each group from its own inputs.
-        shared: dict[object, tuple] = {}
         for gid in range(len(self.kv_cache_config.kv_cache_groups)):
             k = layout.group_ratio.get(gid)
-            block_table = self.input_batch.block_table[gid].get_device_tensor(num_reqs_padded)
-            key = ("full" if step is None or k is None else k)
-            for index, attn_group in enumerate(self.attn_groups[gid]):
+            common = CommonAttentionMetadata(
+                **(common_full if k is None else common_by_ratio[k]),
+                num_reqs=num_reqs_padded,
+                # The base class filled the padded rows with the null block.
+                block_table_tensor=self.input_batch.block_table[gid].get_device_tensor(num_reqs_padded),
+                slot_mapping=slot_mappings[gid],
+                causal=True,
+                is_prefilling=is_prefilling,
+            )
+            for attn_group in self.attn_groups[gid]:
                 builder = attn_group.get_metadata_builder()
-                cache_key = (key, index, type(builder), attn_group.kv_cache_spec.page_size_bytes)
-                first = shared.get(cache_key)
-                if for_cudagraph_capture or first is None or not builder.supports_update_block_table:
-                    # The base class filled the padded rows of the block table with the null block.
-                    common = CommonAttentionMetadata(
-                        **(common_full if k is None else common_by_ratio[k]),
-                        num_reqs=num_reqs_padded,
-                        block_table_tensor=block_table,
-                        slot_mapping=slot_mappings[gid],
-                        causal=True,
-                        is_prefilling=is_prefilling,
-                    )
-                    if for_cudagraph_capture:
-                        metadata = builder.build_for_cudagraph_capture(common)
-                    else:
-                        metadata = builder.build(common_prefix_len=0, common_attn_metadata=common)
-                        shared.setdefault(cache_key, (builder, metadata))
+                if for_cudagraph_capture:
+                    metadata = builder.build_for_cudagraph_capture(common)
                 else:
-                    first_builder, first_metadata = first
-                    metadata = first_builder.update_block_table(first_metadata, block_table, slot_mappings[gid])
-                    _copy_graph_state(first_builder, builder, metadata)
+                    metadata = builder.build(common_prefix_len=0, common_attn_metadata=common)
                 for layer_name in attn_group.layer_names:
                     attn_metadata[layer_name] = metadata
 
