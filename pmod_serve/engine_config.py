@@ -8,10 +8,9 @@ the same installation are untouched. What it switches, and why:
 - prefix caching off: blocks of a compacted group hold a different token subset per layer, so
   vLLM's per-group content hashing would share blocks that do not match (refused if asked for);
 - `max_num_batched_tokens >= max_model_len`: a request's visual tokens must fit in one step;
-- no torch.compile, and CUDA graphs for decode steps only (`FULL_DECODE_ONLY`): routing is
-  data-dependent (top-k, gathers of a data-dependent size), so prefill steps run eagerly, while a
-  decode step routes nothing and replays a full graph (pmod_serve.runner keeps the compacted
-  attention inputs in per-ratio persistent buffers for it). On CPUs everything runs eagerly.
+- torch.compile and CUDA graphs as vLLM sets them, except for steps that route visual tokens
+  (top-k, gathers of a data-dependent size): those run eagerly (pmod_serve.model sets vLLM's
+  `skip_compiled`, pmod_serve.runner forces eager execution). On CPUs everything runs eagerly.
 - speculative decoding and pipeline parallelism are refused.
 """
 
@@ -79,21 +78,15 @@ class PmodEngineConfig(VerifyAndUpdateConfig):
                 else "pmod_serve.worker.PmodGPUWorker"
             )
 
-        if current_platform.is_cpu() or model_config.enforce_eager:
-            if not model_config.enforce_eager:
-                logger.info("p-MoD: running eagerly (data-dependent routing)")
-            model_config.enforce_eager = True
-            return
-        from vllm.config.compilation import CompilationMode, CUDAGraphMode
+        if current_platform.is_cpu():
+            # vLLM's CPU backend would compile with inductor; the tiny CPU checkpoints gain nothing
+            # from it and every engine start would pay for it.
+            from vllm.config.compilation import CompilationMode
 
-        compilation_config = vllm_config.compilation_config
-        if compilation_config.mode not in (None, CompilationMode.NONE):
-            logger.info("p-MoD: torch.compile is not used (data-dependent routing); compilation mode set to NONE")
-        compilation_config.mode = CompilationMode.NONE
-        if compilation_config.cudagraph_mode not in (CUDAGraphMode.NONE, CUDAGraphMode.FULL_DECODE_ONLY):
-            if compilation_config.cudagraph_mode is not None:
-                logger.info(
-                    "p-MoD: cudagraph_mode %s replaced by FULL_DECODE_ONLY (prefill routes tokens eagerly)",
-                    getattr(compilation_config.cudagraph_mode, "name", compilation_config.cudagraph_mode),
-                )
-            compilation_config.cudagraph_mode = CUDAGraphMode.FULL_DECODE_ONLY
+            if not model_config.enforce_eager:
+                logger.info("p-MoD: running eagerly on CPU")
+            model_config.enforce_eager = True
+            vllm_config.compilation_config.mode = CompilationMode.NONE
+        # On GPUs vLLM's defaults stand: torch.compile and CUDA graphs (full graphs for decode
+        # batches, piecewise ones for other batches) for every step that routes nothing; a step
+        # that routes visual tokens runs eagerly (pmod_serve.model, pmod_serve.runner).

@@ -1,8 +1,8 @@
 """What the KV cache really holds, read from the scheduler's block tables.
 
 Used by the metrics (pmod_serve.metrics) and by the tests that check them. A "layer-block" is
-one block of one layer: in a p-MoD engine each KV cache group holds one or more layers, and a
-block id of a group stands for a block in each of its layers.
+one block of one layer: the p-MoD pool lends single-layer blocks (pmod_serve.kv_manager), so a
+request's block list holds its layer-blocks, all layers together.
 """
 
 from __future__ import annotations
@@ -43,26 +43,20 @@ class KVUsage:
 
 
 def request_kv(scheduler, request) -> RequestKV | None:
-    """Blocks the KV managers hold for `request` now, against a dense layout of its tokens."""
-    coordinator = scheduler.kv_cache_manager.coordinator
-    groups = scheduler.kv_cache_config.kv_cache_groups
+    """Blocks the KV manager holds for `request` now, against a dense layout of its tokens."""
+    manager = scheduler.pmod_kv_manager
     request_id = request.request_id
+    # Full attention without prefix caching holds no null blocks: every entry is a real block.
+    held = len(manager.req_to_blocks.get(request_id, ()))
+    if held == 0:
+        return None
+    layout = manager.layouts.get(request_id)
+    num_layers = len(manager.layer_ratios)
     # Tokens with a slot in an ordinary layer: everything fed so far (spec §2: P + G).
     num_tokens = request.num_computed_tokens
-    targets = getattr(scheduler, "request_targets", {}).get(request_id)
-    num_layers = layer_blocks = dense_blocks = layer_slots = 0
-    for manager, group in zip(coordinator.single_type_managers, groups):
-        layers = len(group.layer_names)
-        blocks = manager.req_to_blocks.get(request_id, ())
-        num_layers += layers
-        layer_blocks += sum(1 for block in blocks if not block.is_null) * layers
-        dense_blocks += cdiv(num_tokens, manager.block_size) * layers
-        ratio = getattr(group.kv_cache_spec, "retention_ratio", None)
-        slots = targets.compacted_length(num_tokens, ratio) if targets is not None else num_tokens
-        layer_slots += slots * layers
-    if layer_blocks == 0:
-        return None
-    return RequestKV(layer_blocks, dense_blocks, layer_slots, num_tokens * num_layers)
+    slots = int(layout.layer_slots(num_tokens).sum()) if layout is not None else num_tokens * num_layers
+    dense_blocks = cdiv(num_tokens, manager.block_size) * num_layers
+    return RequestKV(held, dense_blocks, slots, num_tokens * num_layers)
 
 
 def kv_usage(scheduler) -> KVUsage:

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from pmod_serve.config import PmodSchedule, kept_target_count
 
 # Each image's base (global) view comes first in the anyres layout: 24 x 24 CLIP features.
@@ -97,7 +99,98 @@ class RequestTargets:
             return num_tokens - skipped
         if num_tokens <= start:
             return num_tokens
-        raise ValueError(
-            f"p-MoD: {num_tokens} tokens end inside the visual span [{start}, {end}); "
-            "a request's visual tokens must be prefilled in one step"
-        )
+        raise span_split_error(num_tokens, start, end)
+
+
+def span_split_error(num_tokens: int, start: int, end: int) -> ValueError:
+    return ValueError(
+        f"p-MoD: {num_tokens} tokens end inside the visual span [{start}, {end}); "
+        "a request's visual tokens must be prefilled in one step"
+    )
+
+
+class RequestKVLayout:
+    """How many KV slots and blocks each attention layer holds for one request.
+
+    All layers of a p-MoD model draw on one block pool, and a request's blocks form one list in
+    allocation order: every allocation tops each layer up to the blocks it needs, layer after
+    layer. The scheduler's KV manager only needs the total (`total_blocks`); the model runner
+    splits a list of new blocks back into layers with `split_new_blocks`. Both follow from the
+    token count alone, so the two processes agree without exchanging anything.
+
+    `skipped[l]` is the number of target tokens layer `l` never caches (0 for ordinary layers).
+    """
+
+    def __init__(self, targets: RequestTargets, layer_ratios: Sequence[float | None], block_size: int) -> None:
+        self.targets = targets
+        self.block_size = block_size
+        self.span_start, self.span_end = targets.span
+        self.skipped = np.array([targets.num_skipped(ratio) for ratio in layer_ratios], dtype=np.int64)
+        self.skips = bool(self.skipped.any())
+        self.num_layers = len(self.skipped)
+        # Layers whose slot count crosses into a new block when one token is added past the span:
+        # layer l's count n - skipped[l] starts a block whenever (n - 1 - skipped[l]) % block_size == 0.
+        residues = self.skipped % block_size
+        self._crossing = [np.flatnonzero(residues == r) for r in range(block_size)]
+        self._crossing_count = [len(layers) for layers in self._crossing]
+        self._total_at: tuple[int, int] = (0, 0)  # (num_tokens, total_blocks) of the last query
+
+    def layer_slots(self, num_tokens: int) -> np.ndarray:
+        """KV slots of every layer once the first `num_tokens` tokens have been fed."""
+        if not self.skips or num_tokens <= self.span_start:
+            return np.full(self.num_layers, num_tokens, dtype=np.int64)
+        if num_tokens < self.span_end:
+            raise span_split_error(num_tokens, self.span_start, self.span_end)
+        return num_tokens - self.skipped
+
+    def layer_blocks(self, num_tokens: int) -> np.ndarray:
+        return -(-self.layer_slots(num_tokens) // self.block_size)
+
+    def total_blocks(self, num_tokens: int) -> int:
+        """Blocks of all layers together for `num_tokens` fed tokens (what the pool lends)."""
+        last_tokens, last_total = self._total_at
+        if num_tokens == last_tokens:
+            return last_total
+        if num_tokens == last_tokens + 1 and last_tokens > 0 and (last_tokens >= self.span_end or not self.skips):
+            # One more token (decoding): only the layers whose count starts a block grow.
+            total = last_total + self._crossing_count[last_tokens % self.block_size]
+        else:
+            total = int(self.layer_blocks(num_tokens).sum())
+        self._total_at = (num_tokens, total)
+        return total
+
+    def split_new_blocks(self, held: np.ndarray, num_new: int) -> np.ndarray:
+        """How many of `num_new` newly allocated blocks go to each layer, given the blocks each
+        layer already `held` (the result of earlier allocations, which always top every layer up
+        to the same token count). Totals determine the split: `layer_blocks` is non-decreasing in
+        the token count, so two token counts with the same total have the same per-layer counts."""
+        target = int(held.sum()) + num_new
+
+        def total(num_tokens: int) -> int:
+            return int(self.layer_blocks(num_tokens).sum())
+
+        if self.skips and total(self.span_start) >= target:
+            low, high = 0, self.span_start
+        else:
+            low = self.span_end if self.skips else 0
+            high = max(low, 1)
+            while total(high) < target:
+                low, high = high + 1, high * 2
+        while low < high:  # the smallest token count whose blocks reach the target
+            mid = (low + high) // 2
+            if total(mid) >= target:
+                high = mid
+            else:
+                low = mid + 1
+        blocks = self.layer_blocks(high)
+        if int(blocks.sum()) != target or (blocks < held).any():
+            raise RuntimeError(f"p-MoD: {num_new} new KV blocks fit no token count (held {held.tolist()})")
+        return blocks - held
+
+    def crossing_layers(self, num_tokens: int) -> np.ndarray | None:
+        """Layers that get a block when the request grows from `num_tokens` - 1 to `num_tokens`
+        tokens while decoding, or None where that shortcut does not apply."""
+        previous = num_tokens - 1
+        if previous <= 0 or (self.skips and previous < self.span_end):
+            return None
+        return self._crossing[previous % self.block_size]

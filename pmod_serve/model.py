@@ -24,9 +24,11 @@ import torch
 from PIL import Image
 from torch import nn
 from transformers import BatchFeature, CLIPVisionConfig
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.config.multimodal import BaseDummyOptions
 from vllm.distributed import get_pp_group
+from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
@@ -205,12 +207,15 @@ class PmodDecoderLayer(nn.Module):
         weights = torch.empty_like(logits)
         kept = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         kept[target_index] = False
+        num_kept_tokens = x.shape[0]
         for start, end in routing.segments:
             weights[start:end] = self.weight_norm.apply(logits[start:end])
             num_kept = kept_target_count(end - start, self.retention_ratio)
+            num_kept_tokens -= end - start - num_kept
             top = torch.topk(weights[start:end], num_kept).indices
             kept[target_index[start:end][top]] = True
-        kept_index = kept.nonzero().squeeze(1)
+        # The count is known on the host: no device-to-host sync to size the result.
+        kept_index = torch.nonzero_static(kept, size=num_kept_tokens).squeeze(1)
 
         # The decoder layer on the kept tokens only, in their original order and positions:
         # exactly what the compacted attention metadata of this layer's KV group expects.
@@ -229,6 +234,10 @@ class PmodDecoderLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+# torch.compile traces the decoder of steps that route nothing (decoding, text, or images whose
+# prefill is already done); steps that route visual tokens run this code eagerly
+# (`skip_compiled`, set by the model below): top-k and gathers of a data-dependent size.
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
 class PmodLlamaModel(nn.Module):
     def __init__(self, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -346,6 +355,8 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
+        if self.routing is not None and is_forward_context_available():
+            get_forward_context().skip_compiled = True
         return self.model(input_ids, positions, inputs_embeds, self.routing)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

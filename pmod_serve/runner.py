@@ -1,40 +1,54 @@
-"""Model-runner hooks: a compacted index space per p-MoD KV cache group.
+"""Model-runner hooks: every p-MoD layer gets its own compacted index space, all in one KV group.
 
 In a p-MoD layer, a request's kept tokens (its text and the layer's top-k visual tokens, in
 position order) are numbered 0, 1, 2, ...; kept token `c` is cached at slot
-`block_table[c // block_size] * block_size + c % block_size` of that layer's group. The counts
-are known before the forward pass, so each step the runner builds, per retention ratio, the
-compacted `query_start_loc`, `seq_lens` and slot mapping, and hands the model the batch
-positions of the target tokens it has to route. RoPE uses the original positions (applied to
-q/k before caching), so attention over the compacted sequence is attention over the kept
-tokens, and every attention backend runs unchanged.
+`table[layer][c // block_size] * block_size + c % block_size`. The counts are known before the
+forward pass (`trunc(T*ratio)` per request and layer); only *which* visual tokens are kept is
+decided inside it, and that changes no slot. RoPE uses the original positions (applied to q/k
+before caching), so attention over the compacted sequence is attention over the kept tokens,
+and every attention backend runs unchanged.
+
+The whole decoder is one KV cache group (`pmod_serve.kv_manager`). Per step, with host work
+that does not grow with the number of layers or retention ratios:
+- new blocks go to their layers (`PmodBlockTable.assign_pending`), and the stacked
+  `[layer, request, block]` table reaches the device in one copy;
+- the compacted lengths of every retention-ratio *class* are computed at once (`[class,
+  request]` numpy arrays), copied in one transfer per field into persistent buffers;
+- every layer's slot mapping comes from one batched gather over `[layer, token]`;
+- attention metadata is built once per class (each class has its own builder, so CUDA graphs
+  read per-class buffers); the other layers of a class take it with their own block table and
+  slot mapping (`update_block_table`, vLLM's own shortcut for exactly that).
 
 Overrides of vLLM's V1 `GPUModelRunner` (shared by `CPUModelRunner`): `get_kv_cache_spec`,
-`_prepare_inputs`, `_get_slot_mappings`, `_build_attention_metadata`,
+`initialize_kv_cache`, `_update_states`, `_prepare_inputs`, `_get_slot_mappings`, `_build_attention_metadata`,
 `_determine_batch_execution_and_padding` and `_dummy_run`.
 
-CUDA graphs. Decode steps can replay full CUDA graphs (`cudagraph_mode=FULL_DECODE_ONLY`, set by
-`pmod_serve.engine_config` on GPUs). A graph bakes in the addresses of the tensors its attention
-kernels read, so every retention ratio owns persistent device buffers (`query_start_loc`,
-`seq_lens`, compacted positions): graphs are captured reading them, and every step writes its
-compacted values into them (or, in a step without images, the uncompacted values: compacted and
-full lengths are then equal). Steps that route visual tokens (prefill) always run eagerly.
+CUDA graphs. Decode steps replay full CUDA graphs (`cudagraph_mode=FULL_DECODE_ONLY`, set by
+`pmod_serve.engine_config` on GPUs). A graph bakes in the addresses its kernels read, so the
+block tables, slot mappings and per-class `query_start_loc`/`seq_lens` live in persistent
+buffers that every step rewrites. Steps that route visual tokens (prefill) run eagerly.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.utils.platform_utils import is_pin_memory_available
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.utils import CpuGpuBuffer
 
+from pmod_serve.block_table import PmodBlockTable
 from pmod_serve.config import PmodSchedule
-from pmod_serve.kv_layout import RequestTargets, TargetPolicy
+from pmod_serve.kv_layout import RequestKVLayout, TargetPolicy, span_split_error
 from pmod_serve.kv_manager import PmodAttentionSpec, register_kv_cache_spec
+
+# vLLM's block id 0 is the pool's null block: padded rows of a CUDA-graph batch point there.
+NULL_BLOCK_ID = 0
 
 
 @dataclass
@@ -50,243 +64,260 @@ class PmodRouting:
     segments: list[tuple[int, int]]
 
 
-class RatioBuffers:
-    """Persistent compacted attention inputs of one retention ratio (CUDA-graph safe)."""
-
-    def __init__(self, max_num_reqs: int, max_num_tokens: int, device: torch.device) -> None:
-        self.query_start_loc = CpuGpuBuffer(max_num_reqs + 1, dtype=torch.int32, device=device)
-        self.seq_lens = CpuGpuBuffer(max_num_reqs, dtype=torch.int32, device=device)
-        self.positions = CpuGpuBuffer(max_num_tokens, dtype=torch.int64, device=device)
-        self.num_computed = torch.zeros(max_num_reqs, dtype=torch.int32)
-        if device.type == "cpu":
-            # As vLLM's CPU runner does with its own buffers: one tensor serves both sides.
-            for buffer in (self.query_start_loc, self.seq_lens, self.positions):
-                buffer.gpu = buffer.cpu
-
-
-@dataclass
-class CompactedGroup:
-    """This step's compacted attention inputs of the KV cache groups sharing one ratio."""
-
-    buffers: RatioBuffers
-    num_reqs: int
-    num_tokens: int
-    max_query_len: int
-    max_seq_len: int
-
-
 @dataclass
 class PmodStep:
-    """What one scheduled step looks like in every compacted group (by ratio index)."""
+    """This step's compacted attention inputs, per retention-ratio class."""
 
-    groups: list[CompactedGroup]
     num_reqs: int
+    num_tokens: np.ndarray  # [class] compacted tokens in the step
+    max_query_len: np.ndarray  # [class]
+    max_seq_len: np.ndarray  # [class]
+    num_scheduled_tokens: int  # uncompacted
 
 
-@dataclass
-class RequestPlan:
-    """A request's targets and, per retention ratio, how many of them a layer skips."""
+class PmodStack:
+    """The p-MoD KV layout of one KV cache config: layers, retention-ratio classes, buffers."""
 
-    targets: RequestTargets
-    span_start: int
-    span_end: int
-    skipped: np.ndarray  # [num_ratios] int64
+    def __init__(self, runner, spec: PmodAttentionSpec, attn_group) -> None:
+        device = torch.device(runner.device)
+        self.layer_names = list(spec.layer_names)
+        self.block_size = spec.block_size
+        # Layers with equal retention ratios compact a request identically: one class each.
+        self.class_ratios: list[float | None] = sorted(set(spec.retention_ratios), key=lambda r: (r is not None, r or 0))
+        class_index = {ratio: k for k, ratio in enumerate(self.class_ratios)}
+        self.class_of_layer = np.array([class_index[r] for r in spec.retention_ratios], dtype=np.int64)
+        self.class_layers = [np.flatnonzero(self.class_of_layer == k) for k in range(self.num_classes)]
+        num_classes, max_num_reqs, max_num_tokens = self.num_classes, runner.max_num_reqs, runner.max_num_tokens
+        pin = device.type != "cpu" and is_pin_memory_available()
 
+        def buffer(*size, dtype):
+            buf = CpuGpuBuffer(*size, dtype=dtype, device=device, pin_memory=pin)
+            if device.type == "cpu":
+                buf.gpu = buf.cpu
+            return buf
 
-@dataclass
-class PmodLayout:
-    """The p-MoD KV cache groups of one KV cache config."""
+        self.query_start_loc = buffer(num_classes, max_num_reqs + 1, dtype=torch.int32)
+        self.seq_lens = buffer(num_classes, max_num_reqs, dtype=torch.int32)
+        self.num_computed = torch.zeros(num_classes, max_num_reqs, dtype=torch.int32)
+        # Compacted index and request (batch row) of every kept token, per class; -1 = none.
+        self.kept_index = buffer(num_classes, max_num_tokens, dtype=torch.int64)
+        self.kept_request = buffer(num_classes, max_num_tokens, dtype=torch.int64)
+        self.class_of_layer_gpu = torch.from_numpy(self.class_of_layer).to(device)
+        self.layer_arange_gpu = torch.arange(len(self.layer_names), device=device)[:, None]
 
-    ratios: list[float]  # distinct retention ratios, sorted
-    group_ratio: dict[int, int]  # KV cache group id -> index into `ratios`
-    buffers: list[RatioBuffers]  # per ratio index
+        self.table = PmodBlockTable(
+            num_layers=len(self.layer_names),
+            num_classes=num_classes,
+            block_size=self.block_size,
+            max_num_reqs=max_num_reqs,
+            max_blocks_per_layer=spec.max_num_blocks_per_req(runner.vllm_config, runner.max_model_len),
+            max_num_batched_tokens=max_num_tokens,
+            pin_memory=pin,
+            device=device,
+            layout_of_row=runner._pmod_layout_of_row,
+            class_of_layer=self.class_of_layer,
+        )
+        # One metadata builder per class: under CUDA graphs each keeps its own persistent state.
+        builder_spec = attn_group.get_metadata_builder().kv_cache_spec
+        builder_cls = attn_group.backend.get_builder_cls()
+        self.builders = [
+            builder_cls(builder_spec, [self.layer_names[layer] for layer in layers], runner.vllm_config, device)
+            for layers in self.class_layers
+        ]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_ratios)
 
 
 class PmodRunnerMixin:
     """Mixed into vLLM's V1 GPU or CPU model runner for p-MoD models."""
 
+    _pmod_stack: PmodStack | None = None
     _pmod_step: PmodStep | None = None
     _pmod_routing: PmodRouting | None = None
-    _pmod_layout_cache: tuple[int, PmodLayout] | None = None
-    _pmod_plans: dict[str, RequestPlan] | None = None
+    _pmod_layouts: dict[str, RequestKVLayout] | None = None
     _pmod_policy: TargetPolicy | None = None
 
     # --- KV cache layout ----------------------------------------------------------------
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
+        """The whole decoder as one spec, reported under its first layer's name: vLLM then
+        sizes the pool in single-layer pages and makes one KV cache group."""
         register_kv_cache_spec()
         schedule = PmodSchedule.from_config(self.model_config.hf_config)
         specs = super().get_kv_cache_spec()
         for layer_name, spec in specs.items():
             if type(spec) is not FullAttentionSpec:
                 raise ValueError(f"p-MoD: unexpected KV cache spec {type(spec).__name__} for {layer_name}")
-            ratio = schedule.retention_ratio.get(extract_layer_index(layer_name))
-            fields = {name: getattr(spec, name) for name in spec.__dataclass_fields__}
-            specs[layer_name] = PmodAttentionSpec(**fields, retention_ratio=ratio)
-        return specs
+        names = sorted(specs, key=extract_layer_index)
+        first = specs[names[0]]
+        if any(specs[name] != first for name in names):
+            raise ValueError("p-MoD: attention layers with different KV cache specs")
+        fields = {name: getattr(first, name) for name in first.__dataclass_fields__}
+        ratios = tuple(schedule.retention_ratio.get(extract_layer_index(name)) for name in names)
+        return {names[0]: PmodAttentionSpec(**fields, layer_names=tuple(names), retention_ratios=ratios)}
 
-    def _pmod_layout(self) -> PmodLayout | None:
-        """The p-MoD groups of the current KV cache config (None before one exists)."""
-        kv_cache_config = getattr(self, "kv_cache_config", None)
-        if kv_cache_config is None:
-            return None
-        cached = self._pmod_layout_cache
-        if cached is not None and cached[0] == id(kv_cache_config):
-            return cached[1]
-        group_ratio_value = {}
-        for gid, group in enumerate(kv_cache_config.kv_cache_groups):
-            ratio = getattr(group.kv_cache_spec, "retention_ratio", None)
-            if ratio is not None:
-                group_ratio_value[gid] = ratio
-        ratios = sorted(set(group_ratio_value.values()))
-        index = {ratio: i for i, ratio in enumerate(ratios)}
-        device = torch.device(self.device)
-        layout = PmodLayout(
-            ratios=ratios,
-            group_ratio={gid: index[ratio] for gid, ratio in group_ratio_value.items()},
-            buffers=[RatioBuffers(self.max_num_reqs, self.max_num_tokens, device) for _ in ratios],
-        )
-        self._pmod_layout_cache = (id(kv_cache_config), layout)
-        # Plans hold per-ratio counts: a new layout invalidates them.
-        self._pmod_plans = {}
-        return layout
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
+        # The engine planned one tensor for one (stacked) layer: every layer shares it, as they
+        # share the pool's blocks, and they form the group's layers.
+        kv_cache_config = copy.deepcopy(kv_cache_config)
+        (group,) = kv_cache_config.kv_cache_groups
+        spec = group.kv_cache_spec
+        if not isinstance(spec, PmodAttentionSpec):
+            raise ValueError(f"p-MoD: expected one PmodAttentionSpec KV cache group, got {type(spec).__name__}")
+        group.layer_names = list(spec.layer_names)
+        (tensor,) = kv_cache_config.kv_cache_tensors
+        tensor.shared_by = list(spec.layer_names)
+        self._pmod_stack = None
+        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        if self.parallel_config.use_ubatching:
+            raise NotImplementedError("p-MoD: micro-batched steps (DBO) are not supported")
+        kv_block_table = self.input_batch.block_table[0]
+        if kv_block_table.block_size != spec.block_size:
+            raise ValueError(
+                f"p-MoD: the attention backend's kernel block size {kv_block_table.block_size} differs from "
+                f"the KV block size {spec.block_size}; choose a --block-size the backend supports"
+            )
+        ((attn_group,),) = self.attn_groups
+        stack = PmodStack(self, spec, attn_group)
+        self.input_batch.block_table.block_tables[0] = stack.table
+        self._pmod_layouts = {}
+        self._pmod_stack = stack
 
-    def _pmod_group_ratios(self) -> dict[int, float]:
-        """KV cache group id -> retention ratio, for the p-MoD groups."""
-        layout = self._pmod_layout()
+    def _pmod_layout_of_row(self, row: int) -> RequestKVLayout:
+        req_id = self.input_batch.req_ids[row]
+        layout = self._pmod_layouts.get(req_id)
         if layout is None:
-            return {}
-        return {gid: layout.ratios[i] for gid, i in layout.group_ratio.items()}
-
-    def _pmod_plan(self, req_id: str, layout: PmodLayout) -> RequestPlan:
-        plans = self._pmod_plans
-        if plans is None:
-            plans = self._pmod_plans = {}
-        plan = plans.get(req_id)
-        if plan is None:
             if self._pmod_policy is None:
                 self._pmod_policy = TargetPolicy.from_config(self.model_config.hf_config)
             state = self.requests[req_id]
             targets = self._pmod_policy.targets_of(state.mm_features, state.num_prompt_tokens)
-            span_start, span_end = targets.span
-            skipped = np.array([targets.num_skipped(ratio) for ratio in layout.ratios], dtype=np.int64)
-            plan = RequestPlan(targets, span_start, span_end, skipped)
-            if len(plans) > 4 * max(self.max_num_reqs, 64):
-                # Drop finished requests now and then.
-                for old in [r for r in plans if r not in self.requests]:
-                    del plans[old]
-            plans[req_id] = plan
-        return plan
+            spec = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec
+            layout = self._pmod_layouts[req_id] = RequestKVLayout(targets, spec.retention_ratios, spec.block_size)
+        return layout
+
+    def _update_states(self, scheduler_output):
+        stack = self._pmod_stack
+        if stack is None:
+            return super()._update_states(scheduler_output)
+        # Preempted requests come back with a fresh block list: their old tables are void.
+        for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
+            stack.table.forget(self._pmod_layouts.get(req_id))
+        result = super()._update_states(scheduler_output)
+        for req_id in scheduler_output.finished_req_ids:
+            stack.table.forget(self._pmod_layouts.pop(req_id, None))
+        return result
 
     # --- per step -----------------------------------------------------------------------
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
-        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        stack = self._pmod_stack
         self._pmod_step = None
         self._pmod_routing = None
-        layout = self._pmod_layout()
-        num_reqs = self.input_batch.num_reqs
-        if layout is None or not layout.ratios:
+        if stack is None:
             self._pmod_model().set_pmod_routing(None)
-            return result
-        plans = [self._pmod_plan(req_id, layout) for req_id in self.input_batch.req_ids[:num_reqs]]
+            return super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        num_reqs = self.input_batch.num_reqs
         num_computed = self.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
         num_sched = num_scheduled_tokens[:num_reqs].astype(np.int64)
+        # Before vLLM copies the block table to the device (first thing it does).
+        stack.table.assign_pending(num_computed + num_sched)
+        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
 
-        routing = self._routing_for_step(plans, num_computed, num_sched)
-        if any(plan.targets.ranges for plan in plans):
-            span_start = np.fromiter((p.span_start for p in plans), dtype=np.int64, count=num_reqs)
-            span_end = np.fromiter((p.span_end for p in plans), dtype=np.int64, count=num_reqs)
-            skipped = np.stack([p.skipped for p in plans])  # [num_reqs, num_ratios]
-            groups = [
-                self._compact_group(layout.buffers[k], span_start, span_end, skipped[:, k], num_computed, num_sched)
-                for k in range(len(layout.ratios))
-            ]
-            self._pmod_step = PmodStep(groups=groups, num_reqs=num_reqs)
-            for gid, k in layout.group_ratio.items():
-                compacted = groups[k]
-                self.input_batch.block_table[gid].compute_slot_mapping(
-                    num_reqs,
-                    compacted.buffers.query_start_loc.gpu[: num_reqs + 1],
-                    compacted.buffers.positions.gpu[: compacted.num_tokens],
-                )
+        self._pmod_step = self._compact(stack, num_computed, num_sched)
+        self._pmod_slot_mapping(stack, self._pmod_step.num_scheduled_tokens)
+        routing = self._routing_for_step(stack.table, num_computed, num_sched)
         self._pmod_routing = routing
         self._pmod_model().set_pmod_routing(routing)
         return result
 
-    def _routing_for_step(
-        self, plans: list[RequestPlan], num_computed: np.ndarray, num_sched: np.ndarray
-    ) -> PmodRouting | None:
-        """Batch indices of the target tokens prefilled in this step (all or none of a request's)."""
-        pieces, segments, offset = [], [], 0
-        batch_start = 0
-        for i, plan in enumerate(plans):
-            step_start, step_end = int(num_computed[i]), int(num_computed[i] + num_sched[i])
-            ranges = plan.targets.ranges
-            if ranges and step_start <= plan.span_start and plan.span_end <= step_end:
-                indices = np.concatenate([np.arange(start, end) for start, end in ranges]) - step_start + batch_start
-                pieces.append(indices)
-                segments.append((offset, offset + len(indices)))
-                offset += len(indices)
-            batch_start += int(num_sched[i])
-        if not pieces:
-            return None
-        target_index = torch.from_numpy(np.concatenate(pieces)).to(self.device, non_blocking=True)
-        return PmodRouting(target_index=target_index, segments=segments)
-
-    @staticmethod
-    def _compacted_lengths(
-        num_tokens: np.ndarray, span_start: np.ndarray, span_end: np.ndarray, skipped: np.ndarray
-    ) -> np.ndarray:
-        """`RequestTargets.compacted_length` for every request of the batch at once."""
-        inside = (skipped > 0) & (num_tokens > span_start) & (num_tokens < span_end)
-        if inside.any():
-            i = int(np.argmax(inside))
-            raise ValueError(
-                f"p-MoD: {int(num_tokens[i])} tokens end inside the visual span "
-                f"[{int(span_start[i])}, {int(span_end[i])}); a request's visual tokens must be "
-                "prefilled in one step"
-            )
-        return np.where(num_tokens >= span_end, num_tokens - skipped, num_tokens)
-
-    def _compact_group(
-        self,
-        buffers: RatioBuffers,
-        span_start: np.ndarray,
-        span_end: np.ndarray,
-        skipped: np.ndarray,
-        num_computed: np.ndarray,
-        num_sched: np.ndarray,
-    ) -> CompactedGroup:
+    def _compact(self, stack: PmodStack, num_computed: np.ndarray, num_sched: np.ndarray) -> PmodStep:
+        """Every class's compacted `query_start_loc`, `seq_lens` and kept-token indices."""
+        table = stack.table
         num_reqs = len(num_computed)
-        start = self._compacted_lengths(num_computed, span_start, span_end, skipped)
-        end = self._compacted_lengths(num_computed + num_sched, span_start, span_end, skipped)
+        skipped = table.row_class_skipped[:num_reqs].T  # [class, request]
+        span_start, span_end = table.row_span[:num_reqs, 0], table.row_span[:num_reqs, 1]
+
+        def compacted(num_tokens: np.ndarray) -> np.ndarray:
+            inside = table.row_skips[:num_reqs] & (num_tokens > span_start) & (num_tokens < span_end)
+            if inside.any():
+                i = int(np.argmax(inside))
+                raise span_split_error(int(num_tokens[i]), int(span_start[i]), int(span_end[i]))
+            return np.where(num_tokens >= span_end, num_tokens - skipped, num_tokens)
+
+        start = compacted(num_computed)
+        end = compacted(num_computed + num_sched)
         query_lens = end - start
-        query_start_loc = buffers.query_start_loc.np
-        query_start_loc[0] = 0
-        np.cumsum(query_lens, out=query_start_loc[1 : num_reqs + 1])
-        num_tokens = int(query_start_loc[num_reqs])
+        query_start_loc = stack.query_start_loc.np
+        query_start_loc[:, 0] = 0
+        np.cumsum(query_lens, axis=1, out=query_start_loc[:, 1 : num_reqs + 1])
+        num_tokens = query_start_loc[:, num_reqs].astype(np.int64)
         # Padded requests (CUDA graphs) hold no tokens: keep query_start_loc non-decreasing.
-        query_start_loc[num_reqs + 1 :] = num_tokens
-        seq_lens = buffers.seq_lens.np
-        seq_lens[:num_reqs] = end
-        seq_lens[num_reqs:] = 0
-        buffers.num_computed[:num_reqs] = torch.from_numpy(start.astype(np.int32))
-        buffers.num_computed[num_reqs:] = 0
-        # Compacted index of every kept token: request r's tokens are start[r], start[r]+1, ...
-        buffers.positions.np[:num_tokens] = (
-            np.repeat(start - query_start_loc[:num_reqs], query_lens) + np.arange(num_tokens)
-        )
-        buffers.query_start_loc.copy_to_gpu()
-        buffers.seq_lens.copy_to_gpu()
-        buffers.positions.copy_to_gpu(num_tokens)
-        return CompactedGroup(
-            buffers=buffers,
+        query_start_loc[:, num_reqs + 1 :] = query_start_loc[:, num_reqs : num_reqs + 1]
+        seq_lens = stack.seq_lens.np
+        seq_lens[:, :num_reqs] = end
+        seq_lens[:, num_reqs:] = 0
+        stack.num_computed[:, :num_reqs] = torch.from_numpy(start)
+        stack.num_computed[:, num_reqs:] = 0
+
+        total = int(num_sched.sum())
+        kept_index, kept_request = stack.kept_index.np, stack.kept_request.np
+        if (query_lens == 1).all():
+            # Decoding only: one token per request in every class.
+            kept_index[:, :num_reqs] = end - 1
+            kept_request[:, :num_reqs] = np.arange(num_reqs)
+        else:
+            kept_index[:, :total] = -1
+            kept_request[:, :total] = 0
+            flat_lens = query_lens.ravel()
+            segment = np.repeat(np.arange(flat_lens.size), flat_lens)  # (class, request) of each token
+            segment_start = np.cumsum(flat_lens) - flat_lens
+            within = np.arange(segment.size) - segment_start[segment]
+            cls, req = np.divmod(segment, num_reqs)
+            column = query_start_loc[cls, req] + within
+            kept_index[cls, column] = start.ravel()[segment] + within
+            kept_request[cls, column] = req
+        stack.query_start_loc.copy_to_gpu()
+        stack.seq_lens.copy_to_gpu()
+        _copy_columns(stack.kept_index, total)
+        _copy_columns(stack.kept_request, total)
+        return PmodStep(
             num_reqs=num_reqs,
             num_tokens=num_tokens,
-            max_query_len=int(query_lens.max(initial=0)),
-            max_seq_len=int(end.max(initial=0)),
+            max_query_len=query_lens.max(axis=1, initial=0),
+            max_seq_len=end.max(axis=1, initial=0),
+            num_scheduled_tokens=total,
         )
+
+    def _pmod_slot_mapping(self, stack: PmodStack, num_tokens: int) -> None:
+        """Every layer's slot mapping at once: `[layer, token]`, -1 where a class has no token."""
+        kept_index = stack.kept_index.gpu[stack.class_of_layer_gpu, :num_tokens]
+        kept_request = stack.kept_request.gpu[stack.class_of_layer_gpu, :num_tokens]
+        block_size = stack.block_size
+        index = kept_index.clamp(min=0)
+        blocks = stack.table.tables.gpu[stack.layer_arange_gpu, kept_request, index // block_size]
+        slots = blocks.to(torch.int64) * block_size + index % block_size
+        stack.table.slot_mapping.gpu[:, :num_tokens] = torch.where(kept_index >= 0, slots, -1)
+
+    def _routing_for_step(self, table: PmodBlockTable, num_computed: np.ndarray, num_sched: np.ndarray) -> PmodRouting | None:
+        """Batch indices of the target tokens prefilled in this step (all or none of a request's)."""
+        num_reqs = len(num_computed)
+        span_start, span_end = table.row_span[:num_reqs, 0], table.row_span[:num_reqs, 1]
+        routed = (span_end > span_start) & (num_computed <= span_start) & (span_end <= num_computed + num_sched)
+        if not routed.any():
+            return None
+        batch_start = np.cumsum(num_sched) - num_sched
+        pieces, segments, offset = [], [], 0
+        for row in np.flatnonzero(routed):
+            ranges = table.layouts[row].targets.ranges
+            step_start = int(num_computed[row]) - int(batch_start[row])
+            indices = np.concatenate([np.arange(start, end) for start, end in ranges]) - step_start
+            pieces.append(indices)
+            segments.append((offset, offset + len(indices)))
+            offset += len(indices)
+        target_index = torch.from_numpy(np.concatenate(pieces)).to(self.device, non_blocking=True)
+        return PmodRouting(target_index=target_index, segments=segments)
 
     def _determine_batch_execution_and_padding(self, *args, **kwargs):
         # Routing (top-k, gathers of a data-dependent size) never runs inside a CUDA graph.
@@ -295,51 +326,40 @@ class PmodRunnerMixin:
         return super()._determine_batch_execution_and_padding(*args, **kwargs)
 
     def _get_slot_mappings(self, num_tokens_padded, num_reqs_padded, num_tokens_unpadded, ubatch_slices=None):
-        by_group, by_layer = super()._get_slot_mappings(
-            num_tokens_padded, num_reqs_padded, num_tokens_unpadded, ubatch_slices
-        )
-        step = self._pmod_step
-        if step is None or by_group is None:
-            return by_group, by_layer
+        stack = self._pmod_stack
+        if stack is None:
+            return super()._get_slot_mappings(num_tokens_padded, num_reqs_padded, num_tokens_unpadded, ubatch_slices)
         if ubatch_slices is not None:
             raise NotImplementedError("p-MoD: micro-batched steps are not supported")
-        layout = self._pmod_layout()
+        slot_mapping = stack.table.slot_mapping.gpu
+        step = self._pmod_step
+        if step is None:
+            # Profiling, warm-up and capture batches write no KV.
+            slot_mapping[:, :num_tokens_padded].fill_(-1)
+            lengths = np.full(stack.num_classes, num_tokens_unpadded, dtype=np.int64)
+        else:
+            slot_mapping[:, num_tokens_unpadded:num_tokens_padded].fill_(-1)
+            lengths = step.num_tokens
         padding = num_tokens_padded - num_tokens_unpadded
-        for gid, k in layout.group_ratio.items():
-            # compute_slot_mapping padded everything past the compacted tokens with -1.
-            compacted = self.input_batch.block_table[gid].slot_mapping.gpu[: step.groups[k].num_tokens + padding]
-            by_group[gid] = compacted
-            for layer_name in self.kv_cache_config.kv_cache_groups[gid].layer_names:
-                by_layer[layer_name] = compacted
-        return by_group, by_layer
+        by_layer = {
+            name: slot_mapping[layer, : int(lengths[stack.class_of_layer[layer]]) + padding]
+            for layer, name in enumerate(stack.layer_names)
+        }
+        return {0: slot_mapping[0, :num_tokens_padded]}, by_layer
 
     def _build_attention_metadata(self, *args, **kwargs):
-        layout = self._pmod_layout()
-        if layout is None or not layout.group_ratio or kwargs.get("ubatch_slices") is not None:
+        stack = self._pmod_stack
+        if stack is None:
             return super()._build_attention_metadata(*args, **kwargs)
         if args:
             raise TypeError("p-MoD: _build_attention_metadata expects keyword arguments (vLLM 0.26)")
-        # Every group is built below, each by its own metadata builder: the p-MoD groups from their
-        # own (compacted, persistent) inputs, the ordinary ones from vLLM's. vLLM's shortcut for
-        # groups of one spec (`update_block_table`: one build shared by all of them) is wrong under
-        # full CUDA graphs with FlashAttention 3: each group's graph was captured reading its own
-        # builder's scheduler-metadata buffer, which the shortcut never refreshes. So the base
-        # class sees no attention groups (it still pads the block tables for CUDA graphs).
-        saved_groups = self.attn_groups
-        self.attn_groups = [[] for _ in saved_groups]
-        try:
-            attn_metadata, spec_decode_metadata = super()._build_attention_metadata(*args, **kwargs)
-        finally:
-            self.attn_groups = saved_groups
-        if not isinstance(attn_metadata, dict):
+        if kwargs.get("ubatch_slices") is not None:
             raise NotImplementedError("p-MoD: micro-batched steps are not supported")
-        self._build_pmod_attention_metadata(layout, attn_metadata, **kwargs)
-        return attn_metadata, spec_decode_metadata
+        return self._build_pmod_attention_metadata(stack, **kwargs), None
 
     def _build_pmod_attention_metadata(
         self,
-        layout: PmodLayout,
-        attn_metadata: dict,
+        stack: PmodStack,
         *,
         num_tokens: int,
         num_reqs: int,
@@ -347,106 +367,78 @@ class PmodRunnerMixin:
         num_tokens_padded: int | None = None,
         num_reqs_padded: int | None = None,
         for_cudagraph_capture: bool = False,
-        slot_mappings: dict[int, torch.Tensor] | None = None,
         **_: object,
-    ) -> None:
-        # `num_tokens_padded` is given exactly when the step replays (or captures) a full CUDA graph.
-        graph_step = num_tokens_padded is not None
+    ) -> dict:
         num_tokens_padded = num_tokens_padded or num_tokens
         num_reqs_padded = num_reqs_padded or num_reqs
         padding = num_tokens_padded - num_tokens
         step = self._pmod_step
-        assert slot_mappings is not None
 
-        num_computed_all = self.input_batch.num_computed_tokens_cpu_tensor[:num_reqs_padded]
-        is_prefilling = num_computed_all < self.input_batch.num_prompt_tokens_cpu_tensor[:num_reqs_padded]
+        tables = stack.table.layer_tables(num_reqs_padded)
+        # Padded rows of a CUDA-graph batch read the null block.
+        tables[:, num_reqs:num_reqs_padded].fill_(NULL_BLOCK_ID)
+        num_computed_full = self.input_batch.num_computed_tokens_cpu_tensor[:num_reqs_padded]
+        is_prefilling = num_computed_full < self.input_batch.num_prompt_tokens_cpu_tensor[:num_reqs_padded]
         is_prefilling[num_reqs:] = False
-        if for_cudagraph_capture:
-            max_seq_len_full = self.max_model_len
-        else:
-            max_seq_len_full = int(self.optimistic_seq_lens_cpu.numpy()[:num_reqs].max())
+        if step is None:
+            # Dummy batches: no images, so every class has vLLM's own lengths; CUDA graphs read
+            # the class buffers, so the values go there.
+            stack.query_start_loc.gpu[:, : num_reqs_padded + 1].copy_(
+                self.query_start_loc.gpu[None, : num_reqs_padded + 1], non_blocking=True
+            )
+            stack.seq_lens.gpu[:, :num_reqs_padded].copy_(self.seq_lens[None, :num_reqs_padded], non_blocking=True)
+            seq_lens_cpu = self.optimistic_seq_lens_cpu[:num_reqs_padded]
+            max_seq_len = self.max_model_len if for_cudagraph_capture else int(seq_lens_cpu[:num_reqs].max())
 
-        common_by_ratio: list[CommonAttentionMetadata] = []
-        for k, buffers in enumerate(layout.buffers):
+        attn_metadata = {}
+        slot_mapping = stack.table.slot_mapping.gpu
+        for k, layers in enumerate(stack.class_layers):
             if step is not None:
-                # This step's compacted lengths (already copied into the ratio's buffers).
-                compacted = step.groups[k]
-                query_start_loc = buffers.query_start_loc
-                seq_lens = buffers.seq_lens
+                class_tokens = int(step.num_tokens[k])
                 common = dict(
-                    query_start_loc=query_start_loc.gpu[: num_reqs_padded + 1],
-                    query_start_loc_cpu=query_start_loc.cpu[: num_reqs_padded + 1],
-                    seq_lens=seq_lens.gpu[:num_reqs_padded],
-                    _seq_lens_cpu=seq_lens.cpu[:num_reqs_padded],
-                    _num_computed_tokens_cpu=buffers.num_computed[:num_reqs_padded],
-                    seq_lens_cpu_upper_bound=seq_lens.cpu[:num_reqs_padded],
-                    num_actual_tokens=compacted.num_tokens + padding,
-                    max_query_len=compacted.max_query_len,
-                    max_seq_len=self.max_model_len if for_cudagraph_capture else compacted.max_seq_len,
-                    positions=buffers.positions.gpu[: compacted.num_tokens + padding],
+                    query_start_loc_cpu=stack.query_start_loc.cpu[k, : num_reqs_padded + 1],
+                    _seq_lens_cpu=stack.seq_lens.cpu[k, :num_reqs_padded],
+                    _num_computed_tokens_cpu=stack.num_computed[k, :num_reqs_padded],
+                    seq_lens_cpu_upper_bound=stack.seq_lens.cpu[k, :num_reqs_padded],
+                    max_query_len=int(step.max_query_len[k]),
+                    max_seq_len=self.max_model_len if for_cudagraph_capture else int(step.max_seq_len[k]),
+                    positions=stack.kept_index.gpu[k, : class_tokens + padding],
                 )
             else:
-                # No image in this step: compacted and full lengths agree. A graph step still
-                # reads the ratio's own buffers, so copy the full values there.
-                if graph_step:
-                    buffers.query_start_loc.gpu[: num_reqs_padded + 1].copy_(
-                        self.query_start_loc.gpu[: num_reqs_padded + 1], non_blocking=True
-                    )
-                    buffers.seq_lens.gpu[:num_reqs_padded].copy_(self.seq_lens[:num_reqs_padded], non_blocking=True)
-                    query_start_loc_gpu = buffers.query_start_loc.gpu[: num_reqs_padded + 1]
-                    seq_lens_gpu = buffers.seq_lens.gpu[:num_reqs_padded]
-                else:
-                    query_start_loc_gpu = self.query_start_loc.gpu[: num_reqs_padded + 1]
-                    seq_lens_gpu = self.seq_lens[:num_reqs_padded]
-                seq_lens_cpu = self.optimistic_seq_lens_cpu[:num_reqs_padded]
+                class_tokens = num_tokens
                 common = dict(
-                    query_start_loc=query_start_loc_gpu,
                     query_start_loc_cpu=self.query_start_loc.cpu[: num_reqs_padded + 1],
-                    seq_lens=seq_lens_gpu,
                     _seq_lens_cpu=seq_lens_cpu,
-                    _num_computed_tokens_cpu=num_computed_all,
+                    _num_computed_tokens_cpu=num_computed_full,
                     seq_lens_cpu_upper_bound=seq_lens_cpu,
-                    num_actual_tokens=num_tokens_padded,
                     max_query_len=max_query_len,
-                    max_seq_len=max_seq_len_full,
+                    max_seq_len=max_seq_len,
                     positions=self.positions[:num_tokens_padded],
                 )
-            common_by_ratio.append(common)
-
-        # Ordinary layers: vLLM's own (persistent) inputs, as vLLM would build them.
-        seq_lens_cpu_full = self.optimistic_seq_lens_cpu[:num_reqs_padded]
-        common_full = dict(
-            query_start_loc=self.query_start_loc.gpu[: num_reqs_padded + 1],
-            query_start_loc_cpu=self.query_start_loc.cpu[: num_reqs_padded + 1],
-            seq_lens=self.seq_lens[:num_reqs_padded],
-            _seq_lens_cpu=seq_lens_cpu_full,
-            _num_computed_tokens_cpu=num_computed_all,
-            seq_lens_cpu_upper_bound=seq_lens_cpu_full,
-            num_actual_tokens=num_tokens_padded,
-            max_query_len=max_query_len,
-            max_seq_len=max_seq_len_full,
-            positions=self.positions[:num_tokens_padded],
-        )
-
-        for gid in range(len(self.kv_cache_config.kv_cache_groups)):
-            k = layout.group_ratio.get(gid)
-            common = CommonAttentionMetadata(
-                **(common_full if k is None else common_by_ratio[k]),
+            num_slots = class_tokens + padding
+            first = int(layers[0])
+            metadata = CommonAttentionMetadata(
+                **common,
+                query_start_loc=stack.query_start_loc.gpu[k, : num_reqs_padded + 1],
+                seq_lens=stack.seq_lens.gpu[k, :num_reqs_padded],
                 num_reqs=num_reqs_padded,
-                # The base class filled the padded rows with the null block.
-                block_table_tensor=self.input_batch.block_table[gid].get_device_tensor(num_reqs_padded),
-                slot_mapping=slot_mappings[gid],
+                num_actual_tokens=num_slots,
+                block_table_tensor=tables[first],
+                slot_mapping=slot_mapping[first, :num_slots],
                 causal=True,
                 is_prefilling=is_prefilling,
             )
-            for attn_group in self.attn_groups[gid]:
-                builder = attn_group.get_metadata_builder()
-                if for_cudagraph_capture:
-                    metadata = builder.build_for_cudagraph_capture(common)
-                else:
-                    metadata = builder.build(common_prefix_len=0, common_attn_metadata=common)
-                for layer_name in attn_group.layer_names:
-                    attn_metadata[layer_name] = metadata
+            builder = stack.builders[k]
+            if for_cudagraph_capture:
+                built = builder.build_for_cudagraph_capture(metadata)
+            else:
+                built = builder.build(common_prefix_len=0, common_attn_metadata=metadata)
+            attn_metadata[stack.layer_names[first]] = built
+            for layer in layers[1:]:
+                attn_metadata[stack.layer_names[layer]] = _with_layer_kv(
+                    builder, built, tables[layer], slot_mapping[layer, :num_slots]
+                )
+        return attn_metadata
 
     def _dummy_run(self, *args, **kwargs):
         # Profiling, warm-up and capture batches carry no images: nothing to route or compact.
@@ -458,3 +450,20 @@ class PmodRunnerMixin:
     def _pmod_model(self):
         model = self.get_model()
         return model.unwrap() if hasattr(model, "unwrap") else model
+
+
+def _copy_columns(buffer: CpuGpuBuffer, num_columns: int) -> None:
+    if buffer.gpu is not buffer.cpu:
+        buffer.gpu[:, :num_columns].copy_(buffer.cpu[:, :num_columns], non_blocking=True)
+
+
+def _with_layer_kv(builder, metadata, block_table: torch.Tensor, slot_mapping: torch.Tensor):
+    """A layer's metadata: its class's, with the layer's own block table and slot mapping."""
+    if builder.supports_update_block_table:
+        return builder.update_block_table(metadata, block_table, slot_mapping)
+    if not (hasattr(metadata, "block_table") and hasattr(metadata, "slot_mapping")):
+        raise NotImplementedError(f"p-MoD: unsupported attention metadata {type(metadata).__name__}")
+    layer_metadata = copy.copy(metadata)
+    layer_metadata.block_table = block_table
+    layer_metadata.slot_mapping = slot_mapping
+    return layer_metadata

@@ -27,9 +27,13 @@ class PmodSchedulerMixin:
         super().__init__(*args, **kwargs)
         self.target_policy = TargetPolicy.from_config(self.vllm_config.model_config.hf_config)
         self.request_targets: dict[str, RequestTargets] = {}
-        for manager in self.kv_cache_manager.coordinator.single_type_managers:
-            if isinstance(manager, PmodAttentionManager):
-                manager.request_targets = self.request_targets
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        if len(managers) != 1 or not isinstance(managers[0], PmodAttentionManager):
+            raise RuntimeError(
+                "p-MoD: expected the KV cache as one PmodAttentionSpec group, got "
+                f"{[type(m).__name__ for m in managers]}"
+            )
+        self.pmod_kv_manager: PmodAttentionManager = managers[0]
         served_name = self.vllm_config.model_config.served_model_name
         self.pmod_metrics = KVMetricsWriter(
             model_name=served_name[0] if isinstance(served_name, list) else served_name,
@@ -50,6 +54,7 @@ class PmodSchedulerMixin:
                     "raise --max-num-batched-tokens"
                 )
             self.request_targets[request.request_id] = targets
+            self.pmod_kv_manager.add_request_targets(request.request_id, targets)
         super().add_request(request)
 
     def _try_schedule_encoder_inputs(
@@ -83,6 +88,7 @@ class PmodSchedulerMixin:
         super()._free_blocks(request)
         # Kept across preemption (blocks are freed and re-allocated), dropped once finished.
         self.request_targets.pop(request.request_id, None)
+        self.pmod_kv_manager.drop_request(request.request_id)
         self._prefilled.discard(request.request_id)
         if not self.requests:
             self._publish_usage(force=True)  # an idle engine may not schedule again soon
@@ -110,10 +116,7 @@ class PmodSchedulerMixin:
             return
         self._prefilled.add(request.request_id)
         visual_tokens = sum(f.mm_position.length for f in request.mm_features if f.modality == "image")
-        slots_saved = sum(
-            targets.num_skipped(getattr(group.kv_cache_spec, "retention_ratio", None)) * len(group.layer_names)
-            for group in self.kv_cache_config.kv_cache_groups
-        )
+        slots_saved = int(self.pmod_kv_manager.layouts[request.request_id].skipped.sum())
         self.pmod_metrics.add_prefill(visual_tokens, slots_saved)
 
     def _publish_usage(self, force: bool = False) -> None:

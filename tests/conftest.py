@@ -137,6 +137,11 @@ def engine_scheduler(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
+def engine_runner(llm):
+    """The model runner of an in-process engine (one worker)."""
+    return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+
+
 # --- real server processes ---------------------------------------------------------------------
 
 class ServerProcess:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from conftest import engine_scheduler, make_image, vicuna_prompt
+from conftest import engine_runner, engine_scheduler, make_image, vicuna_prompt
 from vllm import SamplingParams
 
 from pmod_serve.config import PmodSchedule, kept_target_count
@@ -31,38 +31,40 @@ def expected_blocks(schedule: PmodSchedule, prompt_len: int, num_targets: int, f
     return blocks
 
 
-def actual_blocks(scheduler, request_id: str) -> dict[int, int]:
-    """Blocks each layer holds for the request, from the KV managers' block tables."""
+def actual_blocks(scheduler, runner, request_id: str) -> dict[int, int]:
+    """Blocks each layer holds for the request, from the model runner's per-layer block tables,
+    checked against the blocks the scheduler's KV manager lent it from the pool."""
     from vllm.model_executor.models.utils import extract_layer_index
 
-    blocks = {}
-    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
-    for manager, group in zip(managers, scheduler.kv_cache_config.kv_cache_groups):
-        held = [b for b in manager.req_to_blocks.get(request_id, []) if not b.is_null]
-        for layer_name in group.layer_names:
-            blocks[extract_layer_index(layer_name)] = len(held)
-    return blocks
-
-
+    stack = runner._pmod_stack
+    row = runner.input_batch.req_id_to_index[request_id]
+    held = stack.table.held[row]
+    tables = stack.table.tables.np[:, row]
+    layer_block_ids = [tables[layer, : held[layer]].tolist() for layer in range(len(stack.layer_names))]
+    lent = [block.block_id for block in scheduler.pmod_kv_manager.req_to_blocks[request_id]]
+    # Every lent block serves exactly one layer, and no layer uses a block it was not lent.
+    assert sorted(b for ids in layer_block_ids for b in ids) == sorted(lent)
+    return {extract_layer_index(name): len(layer_block_ids[layer]) for layer, name in enumerate(stack.layer_names)}
 def engine_request(scheduler, external_id: str):
     (request,) = [r for r in scheduler.requests.values() if r.request_id.startswith(external_id)]
     return request
 
 
-def check_request(scheduler, request, schedule, image_token_id):
+def check_request(scheduler, runner, request, schedule, image_token_id):
     prompt_len = request.num_prompt_tokens
     num_targets = list(request.prompt_token_ids).count(image_token_id)
     fed = request.num_computed_tokens - prompt_len
     assert fed >= 0
-    block_size = scheduler.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+    block_size = scheduler.pmod_kv_manager.block_size
     expected = expected_blocks(schedule, prompt_len, num_targets, fed, block_size)
-    assert actual_blocks(scheduler, request.request_id) == expected
+    assert actual_blocks(scheduler, runner, request.request_id) == expected
     return expected
 
 
 def test_block_tables_follow_prd_and_return_to_pool(llm_next, tiny_next):
     engine = llm_next.llm_engine
     scheduler = engine_scheduler(llm_next)
+    runner = engine_runner(llm_next)
     schedule = PmodSchedule.from_config(llm_next.llm_engine.model_config.hf_config)
     image_token_id = llm_next.llm_engine.model_config.hf_config.vocab_size
     pool = scheduler.kv_cache_manager.block_pool
@@ -85,7 +87,7 @@ def test_block_tables_follow_prd_and_return_to_pool(llm_next, tiny_next):
             request = matches[0]
             if request.num_computed_tokens < request.num_prompt_tokens:
                 continue
-            check_request(scheduler, request, schedule, image_token_id)
+            check_request(scheduler, runner, request, schedule, image_token_id)
             decode_steps_checked[request_id].add(request.num_computed_tokens - request.num_prompt_tokens)
         if not aborted and 16 in decode_steps_checked["kv-b"]:
             engine.abort_request([r.request_id for r in scheduler.requests.values() if r.request_id.startswith("kv-b")])
@@ -99,6 +101,8 @@ def test_block_tables_follow_prd_and_return_to_pool(llm_next, tiny_next):
     assert pool.get_num_free_blocks() == free_at_start
     for manager in scheduler.kv_cache_manager.coordinator.single_type_managers:
         assert not manager.req_to_blocks
+    assert not scheduler.pmod_kv_manager.layouts
+    assert not runner._pmod_stack.table.parked
 
 
 def test_kv_savings_for_a_2x2_tile_request(llm_next, capsys):
@@ -106,6 +110,7 @@ def test_kv_savings_for_a_2x2_tile_request(llm_next, capsys):
     128 output tokens. Theory for the 7B schedule: 0.561 of dense."""
     engine = llm_next.llm_engine
     scheduler = engine_scheduler(llm_next)
+    runner = engine_runner(llm_next)
     schedule = PmodSchedule.from_config(engine.model_config.hf_config)
     image_token_id = engine.model_config.hf_config.vocab_size
     prompt = vicuna_prompt(LONG_QUESTION, 1)
@@ -119,7 +124,7 @@ def test_kv_savings_for_a_2x2_tile_request(llm_next, capsys):
         if scheduler.requests:
             request = engine_request(scheduler, "ratio")
             if request.num_computed_tokens - request.num_prompt_tokens == 127:
-                expected = check_request(scheduler, request, schedule, image_token_id)
+                expected = check_request(scheduler, runner, request, schedule, image_token_id)
                 last = (request.num_prompt_tokens, kv_usage(scheduler).requests[request.request_id], expected)
     assert last is not None
     prompt_len, usage, expected = last
