@@ -66,7 +66,14 @@ class PmodBlockTable(BlockTable):
         self.slot_mapping = CpuGpuBuffer(
             num_layers, max_num_batched_tokens, dtype=torch.int64, device=device, pin_memory=pin_memory
         )
-        if device.type == "cpu":
+        # Device copies of the tables are kept current by replaying this step's new entries
+        # (a few per request while decoding); rows that were added or moved are copied whole.
+        self.max_writes = max_num_reqs * num_layers * 4
+        self.staged_writes = CpuGpuBuffer(self.max_writes, 4, dtype=torch.int64, device=device, pin_memory=pin_memory)
+        self.writes: list[tuple[np.ndarray, int, np.ndarray, list[int]]] = []
+        self.rows_changed = False
+        self.host_only = device.type == "cpu"
+        if self.host_only:
             # As vLLM's CPU runner does with its own buffers: one tensor serves both sides.
             self.tables.gpu = self.tables.cpu
             self.slot_mapping.gpu = self.slot_mapping.cpu
@@ -100,6 +107,7 @@ class PmodBlockTable(BlockTable):
             self.held[row_idx] = held
             self.held_total[row_idx] = held_total
             block_ids = block_ids[held_total:]
+        self.rows_changed = True
         self.append_row(block_ids, row_idx)
 
     def append_row(self, block_ids: list[int], row_idx: int) -> None:
@@ -122,6 +130,7 @@ class PmodBlockTable(BlockTable):
         self.row_skips[row_idx] = False
 
     def move_row(self, src: int, tgt: int) -> None:
+        self.rows_changed = True
         width = int(self.held[src].max(initial=0))
         self.tables.np[:, tgt, :width] = self.tables.np[:, src, :width]
         for array in (self.held, self.held_total, self.row_span, self.row_class_skipped, self.row_skips):
@@ -134,6 +143,7 @@ class PmodBlockTable(BlockTable):
             self.pending.pop(tgt, None)
 
     def swap_row(self, src: int, tgt: int) -> None:
+        self.rows_changed = True
         pair, swapped = [src, tgt], [tgt, src]
         self.tables.np[:, pair] = self.tables.np[:, swapped]
         for array in (self.held, self.held_total, self.row_span, self.row_class_skipped, self.row_skips):
@@ -150,8 +160,26 @@ class PmodBlockTable(BlockTable):
         pass
 
     def commit_block_table(self, num_reqs: int) -> None:
-        if self.device.type != "cpu":
+        if self.host_only:
+            return
+        writes, self.writes = self.writes, []
+        num_writes = sum(len(layers) for layers, _, _, _ in writes)
+        if self.rows_changed or num_writes > self.max_writes:
+            self.rows_changed = False
             self.tables.gpu[:, :num_reqs].copy_(self.tables.cpu[:, :num_reqs], non_blocking=True)
+        elif num_writes:
+            staged = self.staged_writes.np
+            start = 0
+            for layers, row, columns, block_ids in writes:
+                end = start + len(layers)
+                staged[start:end, 0] = layers
+                staged[start:end, 1] = row
+                staged[start:end, 2] = columns
+                staged[start:end, 3] = block_ids
+                start = end
+            self.staged_writes.copy_to_gpu(num_writes)
+            layers, rows, columns, block_ids = self.staged_writes.gpu[:num_writes].T
+            self.tables.gpu[layers, rows, columns] = block_ids.to(self.tables.gpu.dtype)
 
     def clear(self) -> None:
         self.tables.gpu.fill_(0)
@@ -195,19 +223,20 @@ class PmodBlockTable(BlockTable):
                 and self.held_total[row] == layout.total_blocks(tokens - 1)
             ):
                 # Decoding: one block each for the layers that cross a block boundary.
-                tables[crossing, row, held[crossing]] = block_ids
-                held[crossing] += 1
+                layers, columns = crossing, held[crossing]
             else:
                 new = layout.layer_blocks(tokens) - held if _valid_count(layout, tokens) else None
                 if new is None or int(new.sum()) != num_new or (new < 0).any():
                     new = layout.split_new_blocks(held, num_new)
-                start = 0
-                for layer in np.flatnonzero(new):
-                    count = int(new[layer])
-                    tables[layer, row, held[layer]: held[layer] + count] = block_ids[start: start + count]
-                    start += count
-                held += new
+                # Layer after layer, each its new blocks in order.
+                layers = np.repeat(np.arange(self.num_layers), new)
+                first_of_layer = np.cumsum(new) - new
+                columns = held[layers] + np.arange(num_new) - first_of_layer[layers]
+            tables[layers, row, columns] = block_ids
+            np.add.at(held, layers, 1)  # a layer may appear several times
             self.held_total[row] += num_new
+            if not self.host_only:
+                self.writes.append((layers, row, columns, block_ids))
         self.pending.clear()
 
 

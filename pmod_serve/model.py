@@ -320,7 +320,7 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
                 nn.Parameter(torch.empty(config.hidden_size)) if self.layout.is_anyres else None
             )
         with self._mark_language_model(vllm_config):
-            self.model = PmodLlamaModel(vllm_config, prefix=maybe_prefix(prefix, "model"))
+            self.model = PmodLlamaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
                                           prefix=maybe_prefix(prefix, "lm_head"))
         self.logits_processor = LogitsProcessor(config.vocab_size)

@@ -124,10 +124,42 @@ class PmodStack:
             builder_cls(builder_spec, [self.layer_names[layer] for layer in layers], runner.vllm_config, device)
             for layers in self.class_layers
         ]
+        self._request_views: dict[int, tuple[list[tuple], list[torch.Tensor]]] = {}
+        self._slot_views: dict[int, list[torch.Tensor]] = {}
 
     @property
     def num_classes(self) -> int:
         return len(self.class_ratios)
+
+    def request_views(self, num_reqs: int) -> tuple[list[tuple], list[torch.Tensor]]:
+        """Per class: device and host views of its request-indexed buffers, and per layer its
+        block table, for batches of `num_reqs` rows (cached: most steps repeat a batch size)."""
+        views = self._request_views.get(num_reqs)
+        if views is None:
+            if len(self._request_views) > 64:
+                self._request_views.clear()
+            per_class = [
+                (
+                    self.query_start_loc.gpu[k, : num_reqs + 1],
+                    self.query_start_loc.cpu[k, : num_reqs + 1],
+                    self.seq_lens.gpu[k, :num_reqs],
+                    self.seq_lens.cpu[k, :num_reqs],
+                    self.num_computed[k, :num_reqs],
+                )
+                for k in range(self.num_classes)
+            ]
+            tables = self.table.layer_tables(num_reqs)
+            views = self._request_views[num_reqs] = (per_class, list(tables.unbind(0)))
+        return views
+
+    def slot_views(self, num_slots: int) -> list[torch.Tensor]:
+        """Per layer: its slot mapping for `num_slots` tokens (cached like `request_views`)."""
+        views = self._slot_views.get(num_slots)
+        if views is None:
+            if len(self._slot_views) > 256:
+                self._slot_views.clear()
+            views = self._slot_views[num_slots] = list(self.table.slot_mapping.gpu[:, :num_slots].unbind(0))
+        return views
 
 
 class PmodRunnerMixin:
@@ -341,9 +373,10 @@ class PmodRunnerMixin:
             slot_mapping[:, num_tokens_unpadded:num_tokens_padded].fill_(-1)
             lengths = step.num_tokens
         padding = num_tokens_padded - num_tokens_unpadded
+        class_slots = [stack.slot_views(int(length) + padding) for length in lengths]
         by_layer = {
-            name: slot_mapping[layer, : int(lengths[stack.class_of_layer[layer]]) + padding]
-            for layer, name in enumerate(stack.layer_names)
+            name: class_slots[k][layer]
+            for layer, (name, k) in enumerate(zip(stack.layer_names, stack.class_of_layer.tolist()))
         }
         return {0: slot_mapping[0, :num_tokens_padded]}, by_layer
 
@@ -374,9 +407,10 @@ class PmodRunnerMixin:
         padding = num_tokens_padded - num_tokens
         step = self._pmod_step
 
-        tables = stack.table.layer_tables(num_reqs_padded)
-        # Padded rows of a CUDA-graph batch read the null block.
-        tables[:, num_reqs:num_reqs_padded].fill_(NULL_BLOCK_ID)
+        class_views, tables = stack.request_views(num_reqs_padded)
+        if num_reqs_padded > num_reqs:
+            # Padded rows of a CUDA-graph batch read the null block.
+            stack.table.layer_tables(num_reqs_padded)[:, num_reqs:].fill_(NULL_BLOCK_ID)
         num_computed_full = self.input_batch.num_computed_tokens_cpu_tensor[:num_reqs_padded]
         is_prefilling = num_computed_full < self.input_batch.num_prompt_tokens_cpu_tensor[:num_reqs_padded]
         is_prefilling[num_reqs:] = False
@@ -391,15 +425,16 @@ class PmodRunnerMixin:
             max_seq_len = self.max_model_len if for_cudagraph_capture else int(seq_lens_cpu[:num_reqs].max())
 
         attn_metadata = {}
-        slot_mapping = stack.table.slot_mapping.gpu
+        layer_names = stack.layer_names
         for k, layers in enumerate(stack.class_layers):
+            query_start_loc, query_start_loc_cpu, seq_lens, seq_lens_cpu_k, num_computed_k = class_views[k]
             if step is not None:
                 class_tokens = int(step.num_tokens[k])
                 common = dict(
-                    query_start_loc_cpu=stack.query_start_loc.cpu[k, : num_reqs_padded + 1],
-                    _seq_lens_cpu=stack.seq_lens.cpu[k, :num_reqs_padded],
-                    _num_computed_tokens_cpu=stack.num_computed[k, :num_reqs_padded],
-                    seq_lens_cpu_upper_bound=stack.seq_lens.cpu[k, :num_reqs_padded],
+                    query_start_loc_cpu=query_start_loc_cpu,
+                    _seq_lens_cpu=seq_lens_cpu_k,
+                    _num_computed_tokens_cpu=num_computed_k,
+                    seq_lens_cpu_upper_bound=seq_lens_cpu_k,
                     max_query_len=int(step.max_query_len[k]),
                     max_seq_len=self.max_model_len if for_cudagraph_capture else int(step.max_seq_len[k]),
                     positions=stack.kept_index.gpu[k, : class_tokens + padding],
@@ -415,16 +450,16 @@ class PmodRunnerMixin:
                     max_seq_len=max_seq_len,
                     positions=self.positions[:num_tokens_padded],
                 )
-            num_slots = class_tokens + padding
+            slots = stack.slot_views(class_tokens + padding)
             first = int(layers[0])
             metadata = CommonAttentionMetadata(
                 **common,
-                query_start_loc=stack.query_start_loc.gpu[k, : num_reqs_padded + 1],
-                seq_lens=stack.seq_lens.gpu[k, :num_reqs_padded],
+                query_start_loc=query_start_loc,
+                seq_lens=seq_lens,
                 num_reqs=num_reqs_padded,
-                num_actual_tokens=num_slots,
+                num_actual_tokens=class_tokens + padding,
                 block_table_tensor=tables[first],
-                slot_mapping=slot_mapping[first, :num_slots],
+                slot_mapping=slots[first],
                 causal=True,
                 is_prefilling=is_prefilling,
             )
@@ -433,11 +468,9 @@ class PmodRunnerMixin:
                 built = builder.build_for_cudagraph_capture(metadata)
             else:
                 built = builder.build(common_prefix_len=0, common_attn_metadata=metadata)
-            attn_metadata[stack.layer_names[first]] = built
+            attn_metadata[layer_names[first]] = built
             for layer in layers[1:]:
-                attn_metadata[stack.layer_names[layer]] = _with_layer_kv(
-                    builder, built, tables[layer], slot_mapping[layer, :num_slots]
-                )
+                attn_metadata[layer_names[layer]] = _with_layer_kv(builder, built, tables[layer], slots[layer])
         return attn_metadata
 
     def _dummy_run(self, *args, **kwargs):

@@ -1,0 +1,144 @@
+"""Per-layer block tables of the one-group KV layout (no engine): the runner's split of a
+request's block list into layers, against an independent per-layer allocator."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pmod_serve.block_table import PmodBlockTable
+from pmod_serve.config import PmodSchedule, kept_target_count
+from pmod_serve.kv_layout import RequestKVLayout, RequestTargets
+
+BLOCK_SIZE = 16
+SCHEDULE = PmodSchedule.from_config(
+    {"num_hidden_layers": 32, "mod_target_layers": "shiftedcos_decay_0.85_0.15", "mod_router_factor": 0.5,
+     "mod_weight_norm": "tanh_0.2_1", "mod_target_token_type": "vision_all", "mod_bias_enabled": True}
+)
+RATIOS = tuple(SCHEDULE.retention_ratio.get(layer) for layer in range(32))
+
+
+def expected_layer_blocks(targets: RequestTargets, num_tokens: int) -> list[int]:
+    """Spec §2 per layer, written out independently of RequestKVLayout."""
+    start, end = targets.span
+    num_targets = targets.num_targets
+    blocks = []
+    for ratio in RATIOS:
+        skipped = num_targets - kept_target_count(num_targets, ratio) if ratio is not None and num_targets else 0
+        slots = num_tokens - skipped if num_tokens >= end else num_tokens
+        blocks.append(math.ceil(slots / BLOCK_SIZE))
+    return blocks
+
+
+@pytest.mark.parametrize("ranges", [(), ((40, 2968),), ((5, 600), (700, 1300))])
+def test_layout_counts_match_the_spec(ranges):
+    targets = RequestTargets(tuple(ranges))
+    layout = RequestKVLayout(targets, RATIOS, BLOCK_SIZE)
+    start, end = targets.span
+    # Before the span, after it, and decoding one token at a time (the shortcut's path).
+    points = [n for n in range(0, 3200, 7) if not (targets.ranges and start < n < end)]
+    points += list(range(max(end, 1), max(end, 1) + 80))
+    for n in points:
+        assert layout.layer_blocks(n).tolist() == expected_layer_blocks(targets, n), n
+        assert layout.total_blocks(n) == sum(expected_layer_blocks(targets, n)), n
+    if targets.ranges:
+        with pytest.raises(ValueError, match="inside the visual span"):
+            layout.layer_slots((start + end) // 2)
+
+
+def test_split_follows_totals():
+    layout = RequestKVLayout(RequestTargets(((40, 2968),)), RATIOS, BLOCK_SIZE)
+    held = np.zeros(32, dtype=np.int64)
+    for n in (40, 3000, 3001, 3017, 3100):
+        target = np.array(expected_layer_blocks(layout.targets, n))
+        new = layout.split_new_blocks(held, int(target.sum() - held.sum()))
+        held = held + new
+        assert held.tolist() == target.tolist()
+
+
+class Allocator:
+    """What the scheduler's manager does: top a request's single list up to the total blocks."""
+
+    def __init__(self) -> None:
+        self.next_id = 1
+        self.lists: dict[str, list[int]] = {}
+
+    def allocate(self, req: str, layout: RequestKVLayout, num_tokens: int) -> list[int]:
+        held = self.lists.setdefault(req, [])
+        new = list(range(self.next_id, self.next_id + layout.total_blocks(num_tokens) - len(held)))
+        self.next_id += len(new)
+        held.extend(new)
+        return new
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_block_table_keeps_each_layer_its_own_blocks(seed):
+    rng = random.Random(seed)
+    # Requests with an image (a visual span) and a text-only one.
+    spans = [((rng.randint(5, 50), rng.randint(600, 1500)),) if i % 3 else () for i in range(6)]
+    requests = {f"r{i}": RequestKVLayout(RequestTargets(span), RATIOS, BLOCK_SIZE) for i, span in enumerate(spans)}
+    rows: dict[int, str] = {}
+    table = PmodBlockTable(
+        num_layers=32, num_classes=len(set(RATIOS)), block_size=BLOCK_SIZE, max_num_reqs=8,
+        max_blocks_per_layer=256, max_num_batched_tokens=4096, pin_memory=False, device=torch.device("cpu"),
+        layout_of_row=lambda row: requests[rows[row]],
+        class_of_layer=np.array([sorted(set(RATIOS), key=lambda r: (r is not None, r or 0)).index(r) for r in RATIOS]),
+    )
+    # A separate "device" copy, kept current by commit_block_table's incremental writes.
+    table.host_only = False
+    table.tables.gpu = table.tables.cpu.clone()
+    allocator = Allocator()
+    tokens = dict.fromkeys(requests, 0)
+    # Each layer's blocks must never change once given: (layer, index) -> block id.
+    given: dict[str, dict[tuple[int, int], int]] = {name: {} for name in requests}
+    parked: dict[str, list[int]] = {}
+
+    for step in range(120):
+        # Requests come and go from the batch (not scheduled in a step: parked, then re-added).
+        for name in requests:
+            if name not in rows.values() and rng.random() < 0.5:
+                row = next(r for r in range(8) if r not in rows)
+                rows[row] = name
+                table.add_row(parked.pop(name, []), row)
+        if rows and rng.random() < 0.2:
+            row = rng.choice(list(rows))
+            name = rows.pop(row)
+            parked[name] = allocator.lists.get(name, [])
+            table.clear_row(row)
+        if len(rows) >= 2 and rng.random() < 0.2:
+            a, b = rng.sample(list(rows), 2)
+            table.swap_row(a, b)
+            rows[a], rows[b] = rows[b], rows[a]
+        num_tokens = np.zeros(8, dtype=np.int64)
+        for row, name in rows.items():
+            layout = requests[name]
+            start, end = layout.span_start, layout.span_end
+            n = tokens[name]
+            if not layout.targets.ranges:
+                step_tokens = rng.randint(1, 40)
+            elif n < start:
+                step_tokens = rng.choice([start - n, rng.randint(1, start - n)])
+            elif n < end:
+                step_tokens = end - n + rng.randint(0, 30)
+            else:
+                step_tokens = 1 if rng.random() < 0.8 else rng.randint(2, 40)
+            tokens[name] = n + step_tokens
+            num_tokens[row] = tokens[name]
+            table.append_row(allocator.allocate(name, layout, tokens[name]), row)
+        table.assign_pending(num_tokens)
+        table.commit_block_table(8)
+        for row, name in rows.items():
+            expected = expected_layer_blocks(requests[name].targets, tokens[name])
+            assert table.held[row].tolist() == expected
+            per_layer = [table.tables.np[layer, row, : expected[layer]].tolist() for layer in range(32)]
+            assert sorted(b for ids in per_layer for b in ids) == sorted(allocator.lists[name])
+            for layer, ids in enumerate(per_layer):
+                for index, block in enumerate(ids):
+                    assert given[name].setdefault((layer, index), block) == block
+        # Rows in use read the same on the device (rows out of the batch are never read).
+        for row in rows:
+            assert torch.equal(table.tables.gpu[:, row], table.tables.cpu[:, row]), (step, row)
