@@ -114,7 +114,7 @@ def rpc_kv_cache_info(self) -> dict:
                 "block_size": g.kv_cache_spec.block_size,
                 "page_size_bytes": g.kv_cache_spec.page_size_bytes,
                 "spec": type(g.kv_cache_spec).__name__,
-                "retention_ratio": getattr(g.kv_cache_spec, "retention_ratio", None),
+                "retention_ratios": list(getattr(g.kv_cache_spec, "retention_ratios", ())),
             }
             for g in config.kv_cache_groups
         ],

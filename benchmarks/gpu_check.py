@@ -187,16 +187,19 @@ def part_bench(engine: str, out: Path, models: Path, tiny: bool, extra: list[str
 # ------------------------------------------------------------------------------------- report
 
 
-def kv_bytes_theory(prompt_tokens: int, num_targets: int, fed: int, kv_cache: dict, ratios_by_group) -> float:
-    """Bytes of the KV blocks a request holds (block accounting of the engine's own groups)."""
+def kv_bytes_theory(prompt_tokens: int, num_targets: int, fed: int, kv_cache: dict, compacted: bool) -> float:
+    """Bytes of the KV blocks a request holds (block accounting of the engine's own layout): every
+    layer ceil(slots / block size) pages; a p-MoD layer's slots leave out its skipped targets."""
     from pmod_serve.config import kept_target_count
 
     total = 0
-    for group, ratio in zip(kv_cache["groups"], ratios_by_group):
-        slots = prompt_tokens + fed
-        if ratio is not None:
-            slots -= num_targets - kept_target_count(num_targets, ratio)
-        total += group["layers"] * math.ceil(slots / group["block_size"]) * group["page_size_bytes"]
+    for group in kv_cache["groups"]:
+        ratios = group.get("retention_ratios") or [None] * group["layers"]
+        for ratio in ratios:
+            slots = prompt_tokens + fed
+            if compacted and ratio is not None:
+                slots -= num_targets - kept_target_count(num_targets, ratio)
+            total += math.ceil(slots / group["block_size"]) * group["page_size_bytes"]
     return total
 
 
@@ -252,9 +255,8 @@ def part_report(out: Path, results_dir: Path, command: str, tiny: bool, name: st
         prompt = one.get("prompt_tokens")
         if not info.get("groups") or not prompt:
             return {}
-        ratios = [g.get("retention_ratio") if pmod_engine else None for g in info["groups"]]
-        theory = kv_bytes_theory(prompt, visual, fed, info, ratios)
-        dense = kv_bytes_theory(prompt, visual, fed, info, [None] * len(ratios))
+        theory = kv_bytes_theory(prompt, visual, fed, info, compacted=pmod_engine)
+        dense = kv_bytes_theory(prompt, visual, fed, info, compacted=False)
         measured = one.get("kv_bytes_measured")
         return {"prompt_tokens": prompt, "kv_bytes_per_request_blocks": theory, "kv_bytes_dense_same_engine": dense,
                 "kv_bytes_per_request_measured": measured, "pool_bytes": info["pool_bytes"],

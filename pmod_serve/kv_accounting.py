@@ -54,7 +54,7 @@ def request_kv(scheduler, request) -> RequestKV | None:
     num_layers = len(manager.layer_ratios)
     # Tokens with a slot in an ordinary layer: everything fed so far (spec §2: P + G).
     num_tokens = request.num_computed_tokens
-    slots = int(layout.layer_slots(num_tokens).sum()) if layout is not None else num_tokens * num_layers
+    slots = layout.total_slots(num_tokens) if layout is not None else num_tokens * num_layers
     dense_blocks = cdiv(num_tokens, manager.block_size) * num_layers
     return RequestKV(held, dense_blocks, slots, num_tokens * num_layers)
 

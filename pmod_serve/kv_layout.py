@@ -127,6 +127,7 @@ class RequestKVLayout:
         self.span_start, self.span_end = targets.span
         self.skipped = np.array([targets.num_skipped(ratio) for ratio in layer_ratios], dtype=np.int64)
         self.skips = bool(self.skipped.any())
+        self.total_skipped = int(self.skipped.sum())
         self.num_layers = len(self.skipped)
         # Layers whose slot count crosses into a new block when one token is added past the span:
         # layer l's count n - skipped[l] starts a block whenever (n - 1 - skipped[l]) % block_size == 0.
@@ -142,6 +143,14 @@ class RequestKVLayout:
         if num_tokens < self.span_end:
             raise span_split_error(num_tokens, self.span_start, self.span_end)
         return num_tokens - self.skipped
+
+    def total_slots(self, num_tokens: int) -> int:
+        """KV slots of all layers together (O(1) outside the visual span)."""
+        if not self.skips or num_tokens <= self.span_start:
+            return num_tokens * self.num_layers
+        if num_tokens < self.span_end:
+            raise span_split_error(num_tokens, self.span_start, self.span_end)
+        return num_tokens * self.num_layers - self.total_skipped
 
     def layer_blocks(self, num_tokens: int) -> np.ndarray:
         return -(-self.layer_slots(num_tokens) // self.block_size)

@@ -116,7 +116,7 @@ class PmodSchedulerMixin:
             return
         self._prefilled.add(request.request_id)
         visual_tokens = sum(f.mm_position.length for f in request.mm_features if f.modality == "image")
-        slots_saved = int(self.pmod_kv_manager.layouts[request.request_id].skipped.sum())
+        slots_saved = self.pmod_kv_manager.layouts[request.request_id].total_skipped
         self.pmod_metrics.add_prefill(visual_tokens, slots_saved)
 
     def _publish_usage(self, force: bool = False) -> None:
