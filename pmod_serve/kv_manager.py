@@ -100,23 +100,25 @@ class PmodAttentionManager(FullAttentionManager):
         apply_admission_cap: bool = False,
     ) -> int:
         # Prefix caching is off for p-MoD models, so the computed-token counts are 0 here.
+        virtual = self._virtual_tokens(request_id, num_tokens)
         return super().get_num_blocks_to_allocate(
             request_id,
-            self._virtual_tokens(request_id, num_tokens),
+            virtual,
             new_computed_blocks,
             total_computed_tokens,
             num_local_computed_tokens,
-            self._virtual_tokens(request_id, num_tokens_main_model),
+            virtual if num_tokens_main_model == num_tokens else self._virtual_tokens(request_id, num_tokens_main_model),
             apply_admission_cap,
         )
 
     def allocate_new_blocks(
         self, request_id: str, num_tokens: int, num_tokens_main_model: int
     ) -> list[KVCacheBlock]:
+        virtual = self._virtual_tokens(request_id, num_tokens)
         return super().allocate_new_blocks(
             request_id,
-            self._virtual_tokens(request_id, num_tokens),
-            self._virtual_tokens(request_id, num_tokens_main_model),
+            virtual,
+            virtual if num_tokens_main_model == num_tokens else self._virtual_tokens(request_id, num_tokens_main_model),
         )
 
 

@@ -103,7 +103,8 @@ class PmodStack:
         self.kept_index = buffer(num_classes, max_num_tokens, dtype=torch.int64)
         self.kept_request = buffer(num_classes, max_num_tokens, dtype=torch.int64)
         self.class_of_layer_gpu = torch.from_numpy(self.class_of_layer).to(device)
-        self.layer_arange_gpu = torch.arange(len(self.layer_names), device=device)[:, None]
+        self.layer_arange = np.arange(len(self.layer_names))[:, None]
+        self.layer_arange_gpu = torch.from_numpy(self.layer_arange).to(device)
 
         self.table = PmodBlockTable(
             num_layers=len(self.layer_names),
@@ -324,9 +325,18 @@ class PmodRunnerMixin:
 
     def _pmod_slot_mapping(self, stack: PmodStack, num_tokens: int) -> None:
         """Every layer's slot mapping at once: `[layer, token]`, -1 where a class has no token."""
+        block_size = stack.block_size
+        if stack.table.host_only:
+            # CPU: the host arrays are the device's; numpy skips torch's per-op threading.
+            kept_index = stack.kept_index.np[stack.class_of_layer, :num_tokens]
+            kept_request = stack.kept_request.np[stack.class_of_layer, :num_tokens]
+            index = np.maximum(kept_index, 0)
+            blocks = stack.table.tables.np[stack.layer_arange, kept_request, index // block_size]
+            slots = blocks.astype(np.int64) * block_size + index % block_size
+            stack.table.slot_mapping.np[:, :num_tokens] = np.where(kept_index >= 0, slots, -1)
+            return
         kept_index = stack.kept_index.gpu[stack.class_of_layer_gpu, :num_tokens]
         kept_request = stack.kept_request.gpu[stack.class_of_layer_gpu, :num_tokens]
-        block_size = stack.block_size
         index = kept_index.clamp(min=0)
         blocks = stack.table.tables.gpu[stack.layer_arange_gpu, kept_request, index // block_size]
         slots = blocks.to(torch.int64) * block_size + index % block_size

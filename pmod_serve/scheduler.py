@@ -40,7 +40,8 @@ class PmodSchedulerMixin:
             engine_index=self.vllm_config.parallel_config.data_parallel_rank,
         )
         self.pmod_metrics.initialise()
-        self._prefilled: set[str] = set()
+        # Requests with images whose prefill has not been counted in the metrics yet.
+        self._awaiting_prefill: dict[str, Request] = {}
         self._usage_published_at = 0.0
 
     def add_request(self, request: Request) -> None:
@@ -55,6 +56,8 @@ class PmodSchedulerMixin:
                 )
             self.request_targets[request.request_id] = targets
             self.pmod_kv_manager.add_request_targets(request.request_id, targets)
+            if any(f.modality == "image" for f in request.mm_features or ()):
+                self._awaiting_prefill[request.request_id] = request
         super().add_request(request)
 
     def _try_schedule_encoder_inputs(
@@ -89,7 +92,7 @@ class PmodSchedulerMixin:
         # Kept across preemption (blocks are freed and re-allocated), dropped once finished.
         self.request_targets.pop(request.request_id, None)
         self.pmod_kv_manager.drop_request(request.request_id)
-        self._prefilled.discard(request.request_id)
+        self._awaiting_prefill.pop(request.request_id, None)
         if not self.requests:
             self._publish_usage(force=True)  # an idle engine may not schedule again soon
 
@@ -102,7 +105,7 @@ class PmodSchedulerMixin:
 
     def update_from_output(self, *args, **kwargs):
         outputs = super().update_from_output(*args, **kwargs)
-        for request in self.running:
+        for request in list(self._awaiting_prefill.values()):
             self._count_prefill(request)
         self._publish_usage(force=not self.requests)
         return outputs
@@ -110,11 +113,11 @@ class PmodSchedulerMixin:
     def _count_prefill(self, request: Request) -> None:
         """Once per request, when its visual tokens have been prefilled."""
         targets = self.request_targets.get(request.request_id)
-        if targets is None or request.request_id in self._prefilled:
+        if targets is None or request.request_id not in self._awaiting_prefill:
             return
         if request.num_computed_tokens < max(targets.span[1], 1) or not request.mm_features:
             return
-        self._prefilled.add(request.request_id)
+        del self._awaiting_prefill[request.request_id]
         visual_tokens = sum(f.mm_position.length for f in request.mm_features if f.modality == "image")
         slots_saved = self.pmod_kv_manager.layouts[request.request_id].total_skipped
         self.pmod_metrics.add_prefill(visual_tokens, slots_saved)
