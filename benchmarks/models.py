@@ -195,8 +195,9 @@ DENSE_TWIN_ROUTER_FACTOR = 2.0
 
 
 def write_dense_twin(checkpoint: Path, out_dir: Path) -> Path:
-    """`checkpoint` (released layout, with weights) with routing off, in `out_dir` (reused when
-    built from the same source). Same tokenizer, tower and weights; one KV cache group."""
+    """`checkpoint` (released layout) with routing off, in `out_dir` (reused when built from the
+    same source). Same tokenizer, tower and weights; one KV cache group. A weightless directory
+    (for load_format="dummy") gets a weightless twin."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -216,8 +217,8 @@ def write_dense_twin(checkpoint: Path, out_dir: Path) -> Path:
         raise RuntimeError("dense twin: the schedule still selects p-MoD layers")
     tensors: dict[str, torch.Tensor] = {}
     shards = sorted(checkpoint.glob("*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(f"{checkpoint}: no *.safetensors weights to rename")
+    if not shards and any(checkpoint.glob("*.bin")):
+        raise ValueError(f"{checkpoint}: only safetensors weights can be renamed")
     for shard in shards:
         for name, tensor in load_file(str(shard)).items():
             if ".router.router." in name:
@@ -227,7 +228,8 @@ def write_dense_twin(checkpoint: Path, out_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.index.json",
                                                                    ".pmod_tiny_stamp.json", ".dense_twin_stamp.json"))
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if tensors:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     _write_json(tmp / "config.json", config)
     _write_json(tmp / ".dense_twin_stamp.json", stamp)
     shutil.rmtree(out_dir, ignore_errors=True)
