@@ -24,8 +24,10 @@ Timed on vLLM's objects (so the numbers mean the same on today's engine path and
   - inside them, the model's compute: `forward` (reported alone), and `compute_logits`,
     `embed_input_ids`, `embed_multimodal` and the sampler (reported as other compute).
 On a CPU the model's compute is host time too, so it is subtracted:
-runner host = execute_model + sample_tokens - model compute. Per-step medians over the M steps.
-Numbers are medians on a shared 2-core machine: compare ratios, not absolute times.
+runner host = execute_model + sample_tokens - model compute. Per-step medians over the M steps;
+each model's worker runs --repeats times (default 2), alternating the order of the two models,
+and each metric is the lowest of its per-step medians (load from other processes on a shared
+machine only ever adds time). Compare ratios, not absolute times.
 """
 
 from __future__ import annotations
@@ -319,6 +321,27 @@ def run_worker(args) -> None:
 # Driver: build both checkpoints, one worker process each, the table
 # ------------------------------------------------------------------------------------------------
 
+def combine_repeats(infos: list[dict]) -> dict:
+    """One model's result: per metric, the lowest per-step median over the repeats."""
+    good = [info for info in infos if "runs" in info]
+    if not good:
+        return infos[0] if infos else {"error": "not run"}
+    combined = {key: value for key, value in good[0].items() if key != "runs"}
+    combined["repeats"] = [{"loadavg_1min": info.get("loadavg_1min"), "runs": info["runs"]} for info in good]
+    combined["errors"] = [info["error"] for info in infos if "error" in info]
+    combined["runs"] = {}
+    for kind, by_batch in good[0]["runs"].items():
+        combined["runs"][kind] = {}
+        for batch, run in by_batch.items():
+            medians = [info["runs"][kind][batch]["median_ms"] for info in good
+                       if batch in info["runs"].get(kind, {})]
+            best = {key: min((m[key] for m in medians if m.get(key) is not None), default=None)
+                    for key in run["median_ms"]}
+            combined["runs"][kind][batch] = {**run, "median_ms": best,
+                                             "statistic": f"lowest of {len(medians)} per-step medians"}
+    return combined
+
+
 ROWS = (
     ("scheduler", "scheduler ms"),
     ("runner_host", "runner host ms (excl. compute)"),
@@ -344,7 +367,7 @@ def build_report(results: dict, args, command: str) -> dict:
             "batch_sizes": list(args.batch_sizes), "kinds": list(args.kinds), "steps": args.steps,
             "warmup": args.warmup, "image_size": "x".join(map(str, args.image_size)),
             "max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib, "threads": args.threads,
-            "question_tokens": 60, "dtype": "float32",
+            "question_tokens": 60, "dtype": "float32", "repeats": args.repeats,
         },
         "models": {},
         "ratios_pmod_over_dense": {},
@@ -417,6 +440,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--max-prefill-steps", type=int, default=2000)
     parser.add_argument("--kv-cache-gib", type=int, default=3, help="VLLM_CPU_KVCACHE_SPACE")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="worker runs per model, alternating the order; the lowest median is reported")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch/OpenMP threads of the engine (1: steadier timings on a shared machine)")
     parser.add_argument("--models", type=lambda s: tuple(s.split(",")), default=("pmod", "dense"),
@@ -448,21 +473,32 @@ def main(argv=None) -> None:
                    "--kv-cache-gib", str(args.kv_cache_gib), "--threads", str(args.threads)]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1",
                OMP_NUM_THREADS=str(args.threads))
+    # Repeats alternate the order (A B, B A, ...) so that a load drift on a shared machine hits both
+    # models alike; each metric is then the lowest per-step median over the repeats (contention
+    # only ever adds time).
+    repeats: dict[str, list[dict]] = {label: [] for label in args.models}
     with tempfile.TemporaryDirectory() as tmp:
-        for label in args.models:
-            result_path = Path(tmp) / f"{label}.json"
-            cmd = [sys.executable, "-m", "benchmarks.host_overhead", "--worker", "--label", label,
-                   "--checkpoint", str(checkpoints[label]), "--result", str(result_path), *passthrough]
-            print(f"[host_overhead] {label}: {checkpoints[label]}", flush=True)
-            try:
-                proc = subprocess.run(cmd, cwd=REPO, env=env, timeout=args.timeout_s)
-                if proc.returncode != 0 or not result_path.exists():
-                    results[label] = {"error": f"worker exited with {proc.returncode}"}
+        for repeat in range(args.repeats):
+            order = list(args.models) if repeat % 2 == 0 else list(reversed(args.models))
+            for label in order:
+                result_path = Path(tmp) / f"{label}-{repeat}.json"
+                cmd = [sys.executable, "-m", "benchmarks.host_overhead", "--worker", "--label", label,
+                       "--checkpoint", str(checkpoints[label]), "--result", str(result_path), *passthrough]
+                print(f"[host_overhead] {label} (repeat {repeat + 1}/{args.repeats}): {checkpoints[label]}",
+                      flush=True)
+                load_before = os.getloadavg()[0]
+                try:
+                    proc = subprocess.run(cmd, cwd=REPO, env=env, timeout=args.timeout_s)
+                    if proc.returncode != 0 or not result_path.exists():
+                        repeats[label].append({"error": f"worker exited with {proc.returncode}"})
+                        continue
+                except subprocess.TimeoutExpired:
+                    repeats[label].append({"error": f"worker timed out after {args.timeout_s} s"})
                     continue
-            except subprocess.TimeoutExpired:
-                results[label] = {"error": f"worker timed out after {args.timeout_s} s"}
-                continue
-            results[label] = json.loads(result_path.read_text())
+                info = json.loads(result_path.read_text())
+                info["loadavg_1min"] = [load_before, os.getloadavg()[0]]
+                repeats[label].append(info)
+    results = {label: combine_repeats(runs) for label, runs in repeats.items()}
     report = build_report(results, args, command)
     print_table(report)
     if args.out:
