@@ -9,6 +9,10 @@
   p-MoD directory's (the tiny one padded with never-produced pieces to Vicuna's 32000), plus the
   `<image>` (32000) and `<pad>` (32001) tokens llava-hf adds.
 - tiny variants of both (`--tiny`, for CPU dry runs of the benchmark logic).
+- `write_dense_twin`: a p-MoD checkpoint with routing off (no layer is a p-MoD layer, the routed
+  layers' weights renamed as ordinary layers, routers dropped): the dense baseline of identical
+  dimensions served through the same plugin and engine (`benchmarks.host_overhead`, and the CPU
+  stand-in for the dense server in `benchmarks.e2e_serve`).
 
     python -m benchmarks.models OUT_DIR [--tiny]
 """
@@ -182,6 +186,54 @@ def write_llava_next_hf_dir(out_dir: Path, tokenizer_src: Path, tiny: bool = Fal
             "num_additional_image_tokens": 1,
         },
     )
+    return out_dir
+
+
+# shiftedcos: r_i = cos(i*pi/31)/2 + factor >= factor - 1/2; with factor 2 every r_i >= 1.5 exceeds
+# the release's max ratio (0.85), so the schedule selects no layer (spec §2, PRD).
+DENSE_TWIN_ROUTER_FACTOR = 2.0
+
+
+def write_dense_twin(checkpoint: Path, out_dir: Path) -> Path:
+    """`checkpoint` (released layout) with routing off, in `out_dir` (reused when built from the
+    same source). Same tokenizer, tower and weights; one KV cache group. A weightless directory
+    (for load_format="dummy") gets a weightless twin."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pmod_serve.config import PmodSchedule
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    stamp = {"source": str(checkpoint.resolve()),
+             "source_config": (checkpoint / "config.json").read_text(),
+             "router_factor": DENSE_TWIN_ROUTER_FACTOR}
+    stamp_path = out_dir / ".dense_twin_stamp.json"
+    if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
+        return out_dir
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["mod_router_factor"] = DENSE_TWIN_ROUTER_FACTOR
+    config["mod_target_layer_indices"] = []
+    if PmodSchedule.from_config(config).retention_ratio:
+        raise RuntimeError("dense twin: the schedule still selects p-MoD layers")
+    tensors: dict[str, torch.Tensor] = {}
+    shards = sorted(checkpoint.glob("*.safetensors"))
+    if not shards and any(checkpoint.glob("*.bin")):
+        raise ValueError(f"{checkpoint}: only safetensors weights can be renamed")
+    for shard in shards:
+        for name, tensor in load_file(str(shard)).items():
+            if ".router.router." in name:
+                continue
+            tensors[name.replace(".decoder_layer.", ".")] = tensor
+    tmp = out_dir.parent / f".{out_dir.name}.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.index.json",
+                                                                   ".pmod_tiny_stamp.json", ".dense_twin_stamp.json"))
+    if tensors:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(tmp / "config.json", config)
+    _write_json(tmp / ".dense_twin_stamp.json", stamp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
     return out_dir
 
 

@@ -1,0 +1,611 @@
+"""End-to-end serving benchmark: `pmod-serve` against dense `vllm serve`, driven by `vllm bench serve`.
+
+Issue 13, "Measure" 2. One server after the other on the same machine:
+
+  1. `pmod-serve <pmod-next-7b> --load-format dummy` (p-MoD-LLaVA-NeXT-7B, released layout);
+  2. `vllm serve <llava-next-7b-hf> --load-format dummy` (vLLM's own LlavaNextForConditionalGeneration
+     with identical dimensions: `benchmarks.models`),
+
+each with vLLM's defaults otherwise (the baseline keeps torch.compile, CUDA graphs and prefix
+caching; p-MoD gets what its plugin sets). Both serve the same vicuna_v1 chat template (pmod-serve
+by default, the baseline through `--chat-template`: chat requests need one, and llava-hf
+directories carry none here). Each server is driven by vLLM's own client, `vllm bench serve`
+(`--backend openai-chat`, `--ignore-eos`, `--save-result`), one run after the other:
+
+  | run        | dataset                                               | concurrency | reported          |
+  |------------|-------------------------------------------------------|-------------|-------------------|
+  | warmup     | random-mm (not reported)                              | 4           | -                 |
+  | image_c1   | random-mm: one 672x672 image, 60 text tokens, 128 out | 1           | TTFT, TPOT        |
+  | image_c32  | the same                                              | 32          | TPOT, requests/s  |
+  | image_c256 | the same, >= 256 prompts                              | 256         | requests/s        |
+  | text_c1    | random: 60 text tokens, 128 out                       | 1           | E2E, TPOT, TTFT   |
+
+Every run has its own dataset seed (the same for both servers), so both servers get identical
+requests and no run repeats another's images (no multimodal-cache or prefix-cache replays).
+While each run goes, /metrics is polled (every --poll-s seconds) for vLLM's
+`vllm:kv_cache_usage_perc` and running requests: the peak usage during `image_c1` is the KV
+cache one standard request holds (as a fraction of that server's pool).
+
+    python -m benchmarks.e2e_serve --out OUT_DIR                      # GPU, both servers
+    python -m benchmarks.e2e_serve --out OUT_DIR --quick --tiny --baseline pmod-dense   # CPU dry run
+
+Writes OUT_DIR/e2e_serve.json: {"gpu", "vllm_version", "command", "pmod", "baseline",
+"ratios": {"ttft_c1", "tpot_c1", "tpot_c32", "throughput_c256", "text_only_c1", ...}} (each
+p-MoD / baseline, medians from `vllm bench serve`), plus each run's `vllm bench serve` JSON and
+each server's log. A server that fails to start is reported (its log tail in the JSON) and the
+other one still runs; servers are stopped (process group SIGTERM, then SIGKILL) whatever happens.
+
+`--baseline pmod-dense` replaces the baseline by the p-MoD checkpoint's dense twin served by
+pmod-serve (`benchmarks.models.write_dense_twin`): a CPU stand-in for plumbing checks only (vLLM's
+llava modules need torchvision, which the CPU environment lacks). `--baseline none` skips it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT_TEMPLATE = REPO / "model_registry" / "templates" / "vicuna_v1.jinja"
+
+# run name -> (dataset, concurrency, prompt-count flag, seed)
+RUNS = {
+    "warmup": ("random-mm", 4, "warmup_prompts", 100),
+    "image_c1": ("random-mm", 1, "c1_prompts", 101),
+    "image_c32": ("random-mm", 32, "c32_prompts", 102),
+    "image_c256": ("random-mm", 256, "c256_prompts", 103),
+    "text_c1": ("random", 1, "text_prompts", 104),
+}
+DEFAULT_COUNTS = {"warmup_prompts": 8, "c1_prompts": 16, "c32_prompts": 128, "c256_prompts": 256, "text_prompts": 16}
+QUICK_COUNTS = {"warmup_prompts": 1, "c1_prompts": 2, "c32_prompts": 4, "c256_prompts": 4, "text_prompts": 2}
+
+# The bench-serve result keys kept in e2e_serve.json (the full files are saved beside it).
+KEPT_KEYS = (
+    "completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
+    "request_throughput", "output_throughput", "total_token_throughput", "max_concurrency",
+    "max_concurrent_requests",
+    "mean_ttft_ms", "median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms",
+    "mean_tpot_ms", "median_tpot_ms", "p90_tpot_ms", "p99_tpot_ms",
+    "mean_itl_ms", "median_itl_ms",
+    "mean_e2el_ms", "median_e2el_ms", "p90_e2el_ms", "p99_e2el_ms",
+)
+
+_live: list[subprocess.Popen] = []  # process groups to end at exit
+
+
+def _log(message: str) -> None:
+    print(f"[e2e_serve {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _kill_group(process: subprocess.Popen, grace_s: float) -> None:
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    # Whatever the leader did, nothing of its group may outlive us.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    if process in _live:
+        _live.remove(process)
+
+
+def _cleanup() -> None:
+    for process in list(_live):
+        _kill_group(process, grace_s=5)
+
+
+def _on_signal(signum, frame):  # noqa: ARG001
+    raise SystemExit(128 + signum)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _vllm_cli() -> list[str]:
+    """`vllm` (the module form works where pip installed vLLM with --target and no script on PATH)."""
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
+def _pmod_serve_cli() -> list[str]:
+    script = Path(sys.executable).parent / "pmod-serve"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pmod_serve.server"]
+
+
+# ------------------------------------------------------------------------------------------------
+# /metrics
+# ------------------------------------------------------------------------------------------------
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)$")
+
+
+def scrape(base_url: str, timeout: float = 5.0) -> dict[str, float]:
+    """Prometheus samples of /metrics, summed over label sets (buckets left out)."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line.strip())
+        if not match or match.group(1).endswith("_bucket"):
+            continue
+        try:
+            samples[match.group(1)] = samples.get(match.group(1), 0.0) + float(match.group(3))
+        except ValueError:
+            continue
+    return samples
+
+
+def cache_config_labels(base_url: str) -> dict[str, str]:
+    """Labels of vllm:cache_config_info (num_gpu_blocks, block_size, ...), if exported."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except Exception:
+        return {}
+    for line in text.splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            return dict(re.findall(r'(\w+)="([^"]*)"', line))
+    return {}
+
+
+class MetricsPoller:
+    """Peak KV-cache usage and running requests while a run goes."""
+
+    def __init__(self, base_url: str, interval_s: float) -> None:
+        self.base_url = base_url
+        self.interval_s = interval_s
+        self.peak_kv_usage = None
+        self.peak_running = None
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                metrics = scrape(self.base_url, timeout=2)
+            except Exception:
+                continue
+            self.samples += 1
+            usage = metrics.get("vllm:kv_cache_usage_perc")
+            running = metrics.get("vllm:num_requests_running")
+            if usage is not None:
+                self.peak_kv_usage = max(usage, self.peak_kv_usage or 0.0)
+            if running is not None:
+                self.peak_running = max(running, self.peak_running or 0.0)
+
+    def __enter__(self):
+        if self.interval_s > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
+# ------------------------------------------------------------------------------------------------
+# One server, its runs
+# ------------------------------------------------------------------------------------------------
+
+
+def server_command(engine: str, args, model_dir: Path, served_name: str, port: int) -> list[str]:
+    common = ["--load-format", args.load_format, "--served-model-name", served_name,
+              "--host", "127.0.0.1", "--port", str(port), *shlex.split(args.server_args)]
+    if engine == "pmod":
+        return [*_pmod_serve_cli(), str(model_dir), *common, *shlex.split(args.pmod_args)]
+    if engine == "baseline" and args.baseline == "pmod-dense":
+        return [*_pmod_serve_cli(), str(model_dir), *common, *shlex.split(args.baseline_args)]
+    return [*_vllm_cli(), "serve", str(model_dir), *common, "--chat-template", str(CHAT_TEMPLATE),
+            *shlex.split(args.baseline_args)]
+
+
+def bench_command(args, run: str, base_url: str, served_name: str, result_dir: Path, engine: str) -> list[str]:
+    dataset, concurrency, count_flag, seed = RUNS[run]
+    width, height = args.image_size
+    cmd = [*_vllm_cli(), "bench", "serve",
+           "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
+           "--base-url", base_url, "--model", served_name, "--tokenizer", str(args.tokenizer),
+           "--dataset-name", dataset, "--seed", str(seed),
+           "--num-prompts", str(getattr(args, count_flag)), "--max-concurrency", str(concurrency),
+           "--request-rate", "inf", "--ignore-eos", "--temperature", "0",
+           "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+           "--random-range-ratio", "0",
+           "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+           "--ready-check-timeout-sec", "0", "--num-warmups", "0", "--disable-tqdm",
+           "--save-result", "--result-dir", str(result_dir), "--result-filename", f"{engine}_{run}.json"]
+    if dataset == "random-mm":
+        cmd += ["--random-mm-base-items-per-request", "1", "--random-mm-num-mm-items-range-ratio", "0",
+                "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
+                "--random-mm-bucket-config", f"{{({height}, {width}, 1): 1.0}}"]
+    return cmd
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def run_server(engine: str, args, model_dir: Path, deadline: float, result: dict) -> dict:
+    """Start the server, run the benchmark runs, stop it. Fills `result` as it goes (so an
+    interrupted benchmark still reports what ran)."""
+    out: Path = args.out
+    served_name = engine
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    cmd = server_command(engine, args, model_dir, served_name, port)
+    log_path = out / f"server_{engine}.log"
+    result.update({"model_dir": str(model_dir), "server_command": shlex.join(cmd), "server_log": log_path.name,
+                   "runs": {}, "bench_commands": {}})
+    _log(f"{engine}: starting {shlex.join(cmd)}")
+    env = dict(os.environ)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    result["gpu_memory_used_mib_at_start"] = wait_gpu_memory_free()
+    start = time.monotonic()
+    log = open(log_path, "w")
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(out),
+                               start_new_session=True)
+    _live.append(process)
+    try:
+        from pmod_serve.demo import wait_healthy
+
+        try:
+            wait_healthy(base_url, process, max(1.0, min(args.server_timeout_s, deadline - time.monotonic())))
+        except (RuntimeError, TimeoutError) as exc:
+            result["error"] = f"server did not become healthy: {exc}"
+            result["server_log_tail"] = _tail(log_path)
+            _log(f"{engine}: {result['error']}")
+            return result
+        result["startup_s"] = time.monotonic() - start
+        result["cache_config"] = cache_config_labels(base_url)
+        _log(f"{engine}: healthy after {result['startup_s']:.1f} s")
+        for run in args.runs:
+            remaining = deadline - time.monotonic()
+            if remaining < args.min_run_s:
+                result["runs"][run] = {"skipped": f"deadline: {remaining:.0f} s left"}
+                _log(f"{engine}: {run} skipped ({remaining:.0f} s left)")
+                continue
+            result["runs"][run] = one_run(engine, run, args, base_url, served_name, remaining, result)
+            if process.poll() is not None:
+                result["error"] = f"server exited with {process.returncode} during {run}"
+                result["server_log_tail"] = _tail(log_path)
+                break
+        try:
+            final = scrape(base_url)
+            result["pmod_metrics"] = {k: v for k, v in final.items() if k.startswith("pmod_")}
+        except Exception:
+            pass
+    finally:
+        _kill_group(process, grace_s=args.stop_grace_s)
+        log.close()
+        result["stopped"] = process.poll() is not None
+    return result
+
+
+def one_run(engine: str, run: str, args, base_url: str, served_name: str, remaining: float, result: dict) -> dict:
+    cmd = bench_command(args, run, base_url, served_name, args.out, engine)
+    result["bench_commands"][run] = shlex.join(cmd)
+    log_path = args.out / f"bench_{engine}_{run}.log"
+    try:
+        before = scrape(base_url)
+    except Exception:
+        before = {}
+    _log(f"{engine}: {run} (concurrency {RUNS[run][1]}, {getattr(args, RUNS[run][2])} prompts)")
+    started = time.monotonic()
+    env = dict(os.environ)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    with open(log_path, "w") as log, MetricsPoller(base_url, args.poll_s) as poller:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(args.out),
+                                   start_new_session=True)
+        _live.append(process)
+        try:
+            process.wait(timeout=max(1.0, remaining - 5))
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            _kill_group(process, grace_s=5)
+    entry: dict = {"wall_s": time.monotonic() - started, "returncode": process.returncode,
+                   "peak_kv_cache_usage": poller.peak_kv_usage, "peak_running": poller.peak_running,
+                   "metrics_samples": poller.samples}
+    try:
+        after = scrape(base_url)
+        for key in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total"):
+            if key in after:
+                entry[key.split(":", 1)[1] + "_delta"] = after[key] - before.get(key, 0.0)
+    except Exception:
+        pass
+    result_file = args.out / f"{engine}_{run}.json"
+    if timed_out:
+        entry["error"] = "vllm bench serve ran past the deadline and was stopped"
+    if result_file.exists() and not timed_out:
+        data = json.loads(result_file.read_text())
+        entry.update({k: data.get(k) for k in KEPT_KEYS if k in data})
+        entry["result_file"] = result_file.name
+        if entry.get("completed") and entry.get("prompt_tokens_total_delta"):
+            entry["server_prompt_tokens_per_request"] = entry["prompt_tokens_total_delta"] / entry["completed"]
+    elif "error" not in entry:
+        entry["error"] = f"vllm bench serve exited with {process.returncode} and wrote no result"
+    if "error" in entry:
+        entry["log_tail"] = _tail(log_path, 2000)
+        _log(f"{engine}: {run}: {entry['error']}")
+    else:
+        _log(f"{engine}: {run}: ttft {entry.get('median_ttft_ms')} ms, tpot {entry.get('median_tpot_ms')} ms, "
+             f"e2el {entry.get('median_e2el_ms')} ms, {entry.get('request_throughput')} req/s, "
+             f"peak KV {entry['peak_kv_cache_usage']}")
+    return entry
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+RATIOS = {
+    # name: (run, key)  -- p-MoD / baseline
+    "ttft_c1": ("image_c1", "median_ttft_ms"),
+    "tpot_c1": ("image_c1", "median_tpot_ms"),
+    "tpot_c32": ("image_c32", "median_tpot_ms"),
+    "throughput_c256": ("image_c256", "request_throughput"),
+    "text_only_c1": ("text_c1", "median_e2el_ms"),
+    # extra context
+    "throughput_c32": ("image_c32", "request_throughput"),
+    "text_only_tpot_c1": ("text_c1", "median_tpot_ms"),
+    "text_only_ttft_c1": ("text_c1", "median_ttft_ms"),
+    "kv_per_request": ("image_c1", "peak_kv_cache_usage"),
+}
+
+
+def ratios(pmod: dict, baseline: dict) -> dict:
+    out = {}
+    for name, (run, key) in RATIOS.items():
+        p = pmod.get("runs", {}).get(run, {}).get(key)
+        b = baseline.get("runs", {}).get(run, {}).get(key)
+        out[name] = p / b if isinstance(p, (int, float)) and isinstance(b, (int, float)) and b else None
+    return out
+
+
+def wait_gpu_memory_free(timeout_s: float = 60, below_mib: int = 4096) -> float | None:
+    """Before a server starts: wait until the last one's GPU memory is back (nvidia-smi; no-op
+    without a GPU). Returns the used MiB seen last."""
+    deadline = time.monotonic() + timeout_s
+    used = None
+    while True:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if out.returncode != 0:
+            return None
+        used = max(float(x) for x in out.stdout.split())
+        if used < below_mib or time.monotonic() > deadline:
+            return used
+        time.sleep(2)
+
+
+def gpu_name() -> str:
+    """From nvidia-smi: a CUDA context in this process would take GPU memory from the servers."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return "cpu"
+
+
+def vllm_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vllm")
+    except PackageNotFoundError:
+        return None
+
+
+def print_table(report: dict) -> None:
+    rows = [("TTFT c=1 (ms)", "image_c1", "median_ttft_ms"), ("TPOT c=1 (ms)", "image_c1", "median_tpot_ms"),
+            ("TPOT c=32 (ms)", "image_c32", "median_tpot_ms"), ("req/s c=32", "image_c32", "request_throughput"),
+            ("req/s c=256", "image_c256", "request_throughput"), ("text E2E c=1 (ms)", "text_c1", "median_e2el_ms"),
+            ("text TPOT c=1 (ms)", "text_c1", "median_tpot_ms"), ("text TTFT c=1 (ms)", "text_c1", "median_ttft_ms"),
+            ("peak KV usage c=1", "image_c1", "peak_kv_cache_usage")]
+    print(f"\n{'':22}{'p-MoD':>12}{'baseline':>12}{'ratio':>10}")
+    for title, run, key in rows:
+        p = report["pmod"].get("runs", {}).get(run, {}).get(key)
+        b = report["baseline"].get("runs", {}).get(run, {}).get(key)
+        r = p / b if isinstance(p, (int, float)) and isinstance(b, (int, float)) and b else None
+
+        def fmt(v):
+            return "-" if not isinstance(v, (int, float)) else f"{v:.4g}"
+        print(f"{title:22}{fmt(p):>12}{fmt(b):>12}{fmt(r):>10}")
+    for engine in ("pmod", "baseline"):
+        if report[engine].get("error"):
+            print(f"{engine}: {report[engine]['error']}")
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    return int(width), int(height)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e_serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output directory (e2e_serve.json, server logs, bench results); with --merge, "
+                             "the merged file or its directory")
+    parser.add_argument("--models", type=Path, default=REPO / ".gpu" / "models",
+                        help="where benchmarks.models puts (or has put) the model directories")
+    parser.add_argument("--tiny", action="store_true", help="tiny-dimension model directories (CPU dry run)")
+    parser.add_argument("--pmod-model", type=Path, help="p-MoD checkpoint dir (default: MODELS/pmod-next-7b)")
+    parser.add_argument("--baseline-model", type=Path,
+                        help="baseline dir (default: MODELS/llava-next-7b-hf, or the dense twin of the p-MoD dir)")
+    parser.add_argument("--baseline", choices=("vllm", "pmod-dense", "none"), default="vllm",
+                        help="vllm: vLLM's LlavaNext (GPU); pmod-dense: the p-MoD dir's dense twin through "
+                             "pmod-serve (CPU plumbing check); none: p-MoD only")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="client tokenizer (default: the llava-hf dir: same SentencePiece model as p-MoD's)")
+    parser.add_argument("--engines", type=lambda s: tuple(s.split(",")), default=("pmod", "baseline"),
+                        help="pmod,baseline (one per device call, then --merge, when one call is too short)")
+    parser.add_argument("--merge", type=Path, nargs="+", help="merge per-engine e2e_serve.json files into --out")
+    parser.add_argument("--quick", action="store_true", help="tiny prompt counts (plumbing check)")
+    for flag, value in DEFAULT_COUNTS.items():
+        parser.add_argument("--" + flag.replace("_", "-"), type=int, default=None,
+                            help=f"default {value} ({QUICK_COUNTS[flag]} with --quick)")
+    parser.add_argument("--runs", type=lambda s: tuple(s.split(",")), default=tuple(RUNS),
+                        help="comma-separated subset of " + ",".join(RUNS))
+    parser.add_argument("--image-size", type=_size, default=_size("672x672"))
+    parser.add_argument("--input-len", type=int, default=60, help="random text tokens per request")
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--load-format", default="dummy")
+    parser.add_argument("--server-args", default="", help="extra flags for both servers (quoted string)")
+    parser.add_argument("--pmod-args", default="", help="extra flags for pmod-serve")
+    parser.add_argument("--baseline-args", default="", help="extra flags for the baseline server")
+    parser.add_argument("--server-timeout-s", type=float, default=420)
+    parser.add_argument("--stop-grace-s", type=float, default=40, help="SIGTERM -> SIGKILL (pmod-serve drains 30 s)")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="whole benchmark; the p-MoD server gets the first half (what it leaves goes to "
+                             "the baseline); runs that no longer fit are skipped")
+    parser.add_argument("--min-run-s", type=float, default=20, help="do not start a run with less time left")
+    parser.add_argument("--poll-s", type=float, default=0.5, help="/metrics polling interval (0: off)")
+    args = parser.parse_args(argv)
+    for flag in DEFAULT_COUNTS:
+        if getattr(args, flag) is None:
+            setattr(args, flag, (QUICK_COUNTS if args.quick else DEFAULT_COUNTS)[flag])
+    unknown = set(args.runs) - set(RUNS)
+    if unknown:
+        parser.error(f"unknown runs {sorted(unknown)}")
+    return args
+
+
+def merge(paths: list[Path], out: Path) -> dict:
+    """One report from per-engine reports (`--engines pmod` and `--engines baseline` run one after
+    the other on the same machine, e.g. as two device calls)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    merged = {"gpu": None, "vllm_version": None, "command": "", "commands": [], "merged_from": [str(p) for p in paths],
+              "pmod": {}, "baseline": {}, "ratios": {}}
+    for report in reports:
+        for key in ("gpu", "vllm_version", "date_utc", "baseline_kind", "settings"):
+            if merged.get(key) is None and report.get(key) is not None:
+                merged[key] = report[key]
+        if report.get("gpu") != merged["gpu"]:
+            merged.setdefault("warnings", []).append(f"different GPUs: {report.get('gpu')} vs {merged['gpu']}")
+        merged["commands"] += report.get("commands") or [report["command"]]
+        for engine in ("pmod", "baseline"):
+            if report.get(engine, {}).get("runs") or report.get(engine, {}).get("error"):
+                merged[engine] = report[engine]
+    merged["command"] = " ; ".join(merged["commands"])
+    merged["ratios"] = ratios(merged["pmod"], merged["baseline"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=2) + "\n")
+    return merged
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = "python -m benchmarks.e2e_serve " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.merge:
+        out = args.out / "e2e_serve.json" if args.out.suffix != ".json" else args.out
+        report = merge(args.merge, out)
+        print_table(report)
+        _log(f"wrote {out}")
+        return 0
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    atexit.register(_cleanup)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    t0 = time.monotonic()
+    # Runs must end early enough for the server to be stopped inside the deadline.
+    total = (args.deadline_s - args.stop_grace_s) if args.deadline_s else float("inf")
+    engines = [e for e in ("pmod", "baseline") if e in args.engines and not (e == "baseline" and args.baseline == "none")]
+
+    from benchmarks.models import prepare, write_dense_twin
+
+    if args.pmod_model is None or (args.baseline == "vllm" and args.baseline_model is None) or args.tokenizer is None:
+        dirs = prepare(args.models, tiny=args.tiny)
+        args.pmod_model = args.pmod_model or dirs["pmod"]
+        if args.baseline == "vllm":
+            args.baseline_model = args.baseline_model or dirs["baseline"]
+        args.tokenizer = args.tokenizer or dirs["baseline"]
+    if args.baseline == "pmod-dense" and args.baseline_model is None:
+        args.baseline_model = write_dense_twin(args.pmod_model, args.pmod_model.parent / (args.pmod_model.name + "-dense"))
+
+    report = {
+        "gpu": gpu_name(),
+        "vllm_version": vllm_version(),
+        "command": command,
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "baseline_kind": args.baseline,
+        "settings": {
+            "image_size": "x".join(map(str, args.image_size)), "input_len": args.input_len,
+            "output_len": args.output_len, "load_format": args.load_format, "tokenizer": str(args.tokenizer),
+            "prompts": {run: getattr(args, RUNS[run][2]) for run in args.runs},
+            "concurrency": {run: RUNS[run][1] for run in args.runs},
+            "seeds": {run: RUNS[run][3] for run in args.runs},
+            "statistic": "medians from vllm bench serve (mean and p90/p99 kept too); ratios are p-MoD / baseline",
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "CUDA_VISIBLE"))},
+        },
+        "pmod": {"skipped": "not in --engines"},
+        "baseline": {"skipped": "--baseline none" if args.baseline == "none" else "not in --engines"},
+        "ratios": {},
+    }
+    out_json = args.out / "e2e_serve.json"
+
+    def save() -> None:
+        report["ratios"] = ratios(report["pmod"], report["baseline"])
+        report["wall_s"] = time.monotonic() - t0
+        out_json.write_text(json.dumps(report, indent=2) + "\n")
+
+    try:
+        for i, engine in enumerate(engines):
+            # With both engines, p-MoD may use half of the time; what it leaves goes to the baseline.
+            share = total / 2 if (len(engines) == 2 and i == 0) else total
+            model_dir = args.pmod_model if engine == "pmod" else args.baseline_model
+            report[engine] = {"status": "running"}
+            run_server(engine, args, model_dir, t0 + share, report[engine])
+            report[engine]["status"] = "done"
+            save()
+    finally:
+        _cleanup()
+        for engine in engines:
+            if report[engine].get("status") == "running":
+                report[engine]["status"] = "interrupted"
+                report[engine].setdefault("error", "interrupted (signal or exception) before the server finished")
+        save()
+    print_table(report)
+    _log(f"wrote {out_json}")
+    failed = any(report[e].get("error") for e in engines)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Stages vLLM onto a GPU host that has no package index and runs benchmarks/e2e_serve.py there.
+#
+# Here (a machine with pip access), once:
+#   bash benchmarks/gpu_e2e.sh wheelhouse          # ../shared/gpu/make-wheelhouse.sh .gpu 58 -> .gpu/p0..pN
+# /.gpu/ must be ignored (the common git dir's info/exclude has it), and each part (58 MiB) travels
+# with the working tree in one device call (64 MiB a call, the repository included).
+#
+# On the GPU host, one device call per step, back to back (a machine stays warm for only ~30 s
+# after a call, and /tmp/pmod-stage, /tmp/pmod-site and the ignored .gpu/models live on it):
+#   bash benchmarks/gpu_e2e.sh stage 0             # carry .gpu/p0: copies the part into /tmp/pmod-stage
+#   bash benchmarks/gpu_e2e.sh stage 1             # carry .gpu/p1 ...
+#   bash benchmarks/gpu_e2e.sh stage N install     # carry .gpu/pN (the last part, with install.sh):
+#                                                  #   install vLLM into /tmp/pmod-site, this repo
+#                                                  #   (pip -e), the model dirs (.gpu/models)
+#   bash benchmarks/gpu_e2e.sh run [E2E ARGS...]   # e2e_serve into /tmp/e2e-out, then e2e_serve.json
+#                                                  #   and a tarball of every log/result to $OUT
+# `run` repeats the cheap parts of `install` (env, pip -e, model dirs), so it also works alone on
+# a machine where `install` ran before. With `--engines pmod` and `--engines baseline` in two calls
+# (same warm machine), each server gets a whole call; merge the two files here with
+#   python -m benchmarks.e2e_serve --merge e2e_pmod.json e2e_baseline.json --out benchmarks/results/
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+stage=/tmp/pmod-stage
+step=${1:?usage: gpu_e2e.sh wheelhouse | stage N [install] | install | run [e2e_serve args]}
+shift
+
+gpu_env() {
+  [ -f /tmp/pmod-site/.complete ] || bash "$stage/install.sh" >/dev/null
+  eval "$(bash "$stage/install.sh")"
+  python3 -m pip install -q --no-deps --no-build-isolation -e .
+  python3 -m benchmarks.models .gpu/models >/dev/null
+}
+
+case "$step" in
+  wheelhouse)
+    git check-ignore -q .gpu/p0 || { echo "error: .gpu/ is not ignored (add /.gpu/ to info/exclude)" >&2; exit 1; }
+    bash ../shared/gpu/make-wheelhouse.sh .gpu "${1:-58}"
+    ;;
+  stage)
+    part=${1:?stage N}
+    shift
+    mkdir -p "$stage"
+    cp ".gpu/p$part"/* "$stage/"
+    ls -la "$stage"
+    if [ "${1:-}" = install ]; then
+      exec bash "$0" install
+    fi
+    ;;
+  install)
+    ls "$stage"/install.sh >/dev/null
+    start=$(date +%s)
+    gpu_env
+    python3 -c 'import vllm, pmod_serve, torch; print("vllm", vllm.__version__, "torch", torch.__version__, torch.cuda.get_device_name(0))'
+    echo "install: $(( $(date +%s) - start )) s"
+    ;;
+  run)
+    gpu_env
+    out=/tmp/e2e-out
+    rm -rf "$out"
+    rc=0
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.e2e_serve --out "$out" --models .gpu/models "$@" || rc=$?
+    if [ -n "${OUT:-}" ]; then
+      name=e2e_serve
+      case " $* " in
+        *" --engines pmod "*) name=e2e_pmod ;;
+        *" --engines baseline "*) name=e2e_baseline ;;
+      esac
+      [ -f "$out/e2e_serve.json" ] && cp "$out/e2e_serve.json" "$OUT/$name.json"
+      tar -czf "$OUT/$name-files.tgz" -C "$(dirname "$out")" "$(basename "$out")"
+    fi
+    exit $rc
+    ;;
+  *)
+    echo "unknown step $step" >&2
+    exit 2
+    ;;
+esac
