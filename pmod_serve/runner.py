@@ -20,7 +20,7 @@ that does not grow with the number of layers or retention ratios:
   slot mapping (`update_block_table`, vLLM's own shortcut for exactly that).
 
 Overrides of vLLM's V1 `GPUModelRunner` (shared by `CPUModelRunner`): `get_kv_cache_spec`,
-`initialize_kv_cache`, `_update_states`, `_prepare_inputs`, `_get_slot_mappings`, `_build_attention_metadata`,
+`initialize_kv_cache`, `_cleanup_profiling_kv_cache`, `_update_states`, `_prepare_inputs`, `_get_slot_mappings`, `_build_attention_metadata`,
 `_determine_batch_execution_and_padding` and `_dummy_run`.
 
 CUDA graphs. Decode steps replay full CUDA graphs (`cudagraph_mode=FULL_DECODE_ONLY`, set by
@@ -217,6 +217,11 @@ class PmodRunnerMixin:
         self.input_batch.block_table.block_tables[0] = stack.table
         self._pmod_layouts = {}
         self._pmod_stack = stack
+
+    def _cleanup_profiling_kv_cache(self) -> None:
+        # vLLM's CUDA-graph memory profiling runs on a minimal KV cache, then drops it.
+        super()._cleanup_profiling_kv_cache()
+        self._pmod_stack = None
 
     def _pmod_layout_of_row(self, row: int) -> RequestKVLayout:
         req_id = self.input_batch.req_ids[row]
