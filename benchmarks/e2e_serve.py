@@ -551,7 +551,8 @@ def main(argv=None) -> int:
     from benchmarks.models import prepare, write_dense_twin
 
     if args.pmod_model is None or (args.baseline == "vllm" and args.baseline_model is None) or args.tokenizer is None:
-        dirs = prepare(args.models, tiny=args.tiny)
+        # Absolute: servers run with the output directory as their working directory.
+        dirs = prepare(args.models.resolve(), tiny=args.tiny)
         args.pmod_model = args.pmod_model or dirs["pmod"]
         if args.baseline == "vllm":
             args.baseline_model = args.baseline_model or dirs["baseline"]
