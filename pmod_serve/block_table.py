@@ -166,7 +166,10 @@ class PmodBlockTable(BlockTable):
         num_writes = sum(len(layers) for layers, _, _, _ in writes)
         if self.rows_changed or num_writes > self.max_writes:
             self.rows_changed = False
-            self.tables.gpu[:, :num_reqs].copy_(self.tables.cpu[:, :num_reqs], non_blocking=True)
+            # Layer by layer: each is a contiguous slice of pinned memory, so the copies stay
+            # asynchronous (a strided copy would go through pageable memory and wait for the GPU).
+            for layer in range(self.num_layers):
+                self.tables.gpu[layer, :num_reqs].copy_(self.tables.cpu[layer, :num_reqs], non_blocking=True)
         elif num_writes:
             staged = self.staged_writes.np
             start = 0

@@ -100,8 +100,14 @@ class PmodStack:
         self.seq_lens = buffer(num_classes, max_num_reqs, dtype=torch.int32)
         self.num_computed = torch.zeros(num_classes, max_num_reqs, dtype=torch.int32)
         # Compacted index and request (batch row) of every kept token, per class; -1 = none.
-        self.kept_index = buffer(num_classes, max_num_tokens, dtype=torch.int64)
-        self.kept_request = buffer(num_classes, max_num_tokens, dtype=torch.int64)
+        # Token-major, so a step's rows are one contiguous (asynchronous) host-to-device copy;
+        # `*_by_class` are class-major views of the same memory.
+        self.kept_index = buffer(max_num_tokens, num_classes, dtype=torch.int64)
+        self.kept_request = buffer(max_num_tokens, num_classes, dtype=torch.int64)
+        self.kept_index_by_class = self.kept_index.np.T
+        # Batch indices of the step's routing targets (pinned: the copy does not wait for the GPU).
+        self.target_index = buffer(max_num_tokens, dtype=torch.int64)
+        self.kept_request_by_class = self.kept_request.np.T
         self.class_of_layer_gpu = torch.from_numpy(self.class_of_layer).to(device)
         self.layer_arange = np.arange(len(self.layer_names))[:, None]
         self.layer_arange_gpu = torch.from_numpy(self.layer_arange).to(device)
@@ -265,7 +271,7 @@ class PmodRunnerMixin:
 
         self._pmod_step = self._compact(stack, num_computed, num_sched)
         self._pmod_slot_mapping(stack, self._pmod_step.num_scheduled_tokens)
-        routing = self._routing_for_step(stack.table, num_computed, num_sched)
+        routing = self._routing_for_step(stack, num_computed, num_sched)
         self._pmod_routing = routing
         self._pmod_model().set_pmod_routing(routing)
         return result
@@ -300,7 +306,7 @@ class PmodRunnerMixin:
         stack.num_computed[:, num_reqs:] = 0
 
         total = int(num_sched.sum())
-        kept_index, kept_request = stack.kept_index.np, stack.kept_request.np
+        kept_index, kept_request = stack.kept_index_by_class, stack.kept_request_by_class
         if (query_lens == 1).all():
             # Decoding only: one token per request in every class.
             kept_index[:, :num_reqs] = end - 1
@@ -318,8 +324,8 @@ class PmodRunnerMixin:
             kept_request[cls, column] = req
         stack.query_start_loc.copy_to_gpu()
         stack.seq_lens.copy_to_gpu()
-        _copy_columns(stack.kept_index, total)
-        _copy_columns(stack.kept_request, total)
+        stack.kept_index.copy_to_gpu(total)
+        stack.kept_request.copy_to_gpu(total)
         return PmodStep(
             num_reqs=num_reqs,
             num_tokens=num_tokens,
@@ -333,22 +339,23 @@ class PmodRunnerMixin:
         block_size = stack.block_size
         if stack.table.host_only:
             # CPU: the host arrays are the device's; numpy skips torch's per-op threading.
-            kept_index = stack.kept_index.np[stack.class_of_layer, :num_tokens]
-            kept_request = stack.kept_request.np[stack.class_of_layer, :num_tokens]
+            kept_index = stack.kept_index_by_class[stack.class_of_layer, :num_tokens]
+            kept_request = stack.kept_request_by_class[stack.class_of_layer, :num_tokens]
             index = np.maximum(kept_index, 0)
             blocks = stack.table.tables.np[stack.layer_arange, kept_request, index // block_size]
             slots = blocks.astype(np.int64) * block_size + index % block_size
             stack.table.slot_mapping.np[:, :num_tokens] = np.where(kept_index >= 0, slots, -1)
             return
-        kept_index = stack.kept_index.gpu[stack.class_of_layer_gpu, :num_tokens]
-        kept_request = stack.kept_request.gpu[stack.class_of_layer_gpu, :num_tokens]
+        kept_index = stack.kept_index.gpu[:num_tokens].T[stack.class_of_layer_gpu]
+        kept_request = stack.kept_request.gpu[:num_tokens].T[stack.class_of_layer_gpu]
         index = kept_index.clamp(min=0)
         blocks = stack.table.tables.gpu[stack.layer_arange_gpu, kept_request, index // block_size]
         slots = blocks.to(torch.int64) * block_size + index % block_size
         stack.table.slot_mapping.gpu[:, :num_tokens] = torch.where(kept_index >= 0, slots, -1)
 
-    def _routing_for_step(self, table: PmodBlockTable, num_computed: np.ndarray, num_sched: np.ndarray) -> PmodRouting | None:
+    def _routing_for_step(self, stack: PmodStack, num_computed: np.ndarray, num_sched: np.ndarray) -> PmodRouting | None:
         """Batch indices of the target tokens prefilled in this step (all or none of a request's)."""
+        table = stack.table
         num_reqs = len(num_computed)
         span_start, span_end = table.row_span[:num_reqs, 0], table.row_span[:num_reqs, 1]
         routed = (span_end > span_start) & (num_computed <= span_start) & (span_end <= num_computed + num_sched)
@@ -363,8 +370,9 @@ class PmodRunnerMixin:
             pieces.append(indices)
             segments.append((offset, offset + len(indices)))
             offset += len(indices)
-        target_index = torch.from_numpy(np.concatenate(pieces)).to(self.device, non_blocking=True)
-        return PmodRouting(target_index=target_index, segments=segments)
+        stack.target_index.np[:offset] = np.concatenate(pieces)
+        stack.target_index.copy_to_gpu(offset)
+        return PmodRouting(target_index=stack.target_index.gpu[:offset], segments=segments)
 
     def _determine_batch_execution_and_padding(self, *args, **kwargs):
         # Routing (top-k, gathers of a data-dependent size) never runs inside a CUDA graph.
@@ -452,7 +460,7 @@ class PmodRunnerMixin:
                     seq_lens_cpu_upper_bound=seq_lens_cpu_k,
                     max_query_len=int(step.max_query_len[k]),
                     max_seq_len=self.max_model_len if for_cudagraph_capture else int(step.max_seq_len[k]),
-                    positions=stack.kept_index.gpu[k, : class_tokens + padding],
+                    positions=stack.kept_index.gpu[: class_tokens + padding, k],
                 )
             else:
                 class_tokens = num_tokens
@@ -498,11 +506,6 @@ class PmodRunnerMixin:
     def _pmod_model(self):
         model = self.get_model()
         return model.unwrap() if hasattr(model, "unwrap") else model
-
-
-def _copy_columns(buffer: CpuGpuBuffer, num_columns: int) -> None:
-    if buffer.gpu is not buffer.cpu:
-        buffer.gpu[:, :num_columns].copy_(buffer.cpu[:, :num_columns], non_blocking=True)
 
 
 def _with_layer_kv(builder, metadata, block_table: torch.Tensor, slot_mapping: torch.Tensor):
