@@ -18,7 +18,10 @@ config), under `pmod-serve` and plain `vllm serve` alike, and for p-MoD models o
    caches processed images, and always sends the item, so there is no mirror to desynchronise.
 2. Media are loaded through `pmod_serve.media_guard.PmodMediaConnector` (vLLM's media connector
    registry) unless the operator chose a connector with `VLLM_MEDIA_CONNECTOR`.
-3. The API server gets `pmod_serve.server_guard.ServerGuardMiddleware`: the API key on every route
+3. `pmod_serve.sampling_guard.PmodSamplingGuard` validates sampling parameters that name the
+   image placeholder id (past the model's vocabulary), which vLLM checks against the tokenizer
+   only and which would otherwise index the engine's logits masks out of bounds.
+4. The API server gets `pmod_serve.server_guard.ServerGuardMiddleware`: the API key on every route
    but health and metrics, admin routes off unless asked for, a request body cap.
 """
 
@@ -52,7 +55,10 @@ def apply_serving_safety(vllm_config) -> None:
         )
         mm_config.mm_processor_cache_type = SAFE_MM_CACHE_TYPE
     use_safe_media_connector()
+    from pmod_serve import sampling_guard
     from pmod_serve.server_guard import install
+
+    sampling_guard.install(vllm_config.model_config)
 
     install()
 
