@@ -13,6 +13,11 @@ vLLM reads them), every path needs `Authorization: Bearer <key>` except liveness
 (`/health`, `/ping`) and `/metrics`, whatever routes this vLLM version mounts. The elastic-EP
 routes answer 404 unless the server was started with vLLM's `--enable-elastic-ep`. Request bodies
 are capped (413) before anything reads them.
+
+`install()` also makes the Anthropic routes (`/v1/messages`, `/v1/messages/count_tokens`) answer
+request errors as vLLM's OpenAI routes do: vLLM's Anthropic router turns *every* exception of
+its handler into a 500 `internal_error`, so a refused image URL, an undecodable image or too
+many `<image>` markers were 500s there while `/v1/chat/completions` answers 400.
 """
 
 from __future__ import annotations
@@ -140,3 +145,27 @@ def install() -> None:
 
         guarded_build_app._pmod_guarded = True
         module.build_app = guarded_build_app
+    _anthropic_request_errors_are_4xx()
+
+
+def _anthropic_request_errors_are_4xx() -> None:
+    try:
+        from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
+    except ImportError:  # pragma: no cover - a vLLM without the Anthropic API
+        return
+    for name in ("create_messages", "count_tokens"):
+        original = getattr(AnthropicServingMessages, name, None)
+        if original is None or getattr(original, "_pmod_guarded", False):
+            continue
+
+        async def handler(self, request, raw_request=None, _original=original):
+            try:
+                return await _original(self, request, raw_request)
+            except (ValueError, TypeError, OverflowError) as exc:
+                # What vLLM's app-level exception handler does for the OpenAI routes: a 400
+                # (VLLMValidationError and friends are ValueErrors); the router translates it.
+                return self.create_error_response(exc)
+
+        handler._pmod_guarded = True
+        handler.__name__ = name
+        setattr(AnthropicServingMessages, name, handler)
