@@ -18,6 +18,13 @@ are capped (413) before anything reads them.
 request errors as vLLM's OpenAI routes do: vLLM's Anthropic router turns *every* exception of
 its handler into a 500 `internal_error`, so a refused image URL, an undecodable image or too
 many `<image>` markers were 500s there while `/v1/chat/completions` answers 400.
+
+And it refuses client-supplied multimodal `features` on vLLM's token-in/token-out route
+`/inference/v1/generate` (400) unless the operator sets `PMOD_ALLOW_MM_FEATURES=1`: that route
+hands pre-processed multimodal items and placeholder ranges straight to the engine, skipping the
+renderer and the multimodal processor, so one request naming an image hash the engine never saw
+kills the engine core (`RuntimeError: Encoder cache miss`). It is meant for a trusted render
+service in front of the engine, not for clients.
 """
 
 from __future__ import annotations
@@ -146,6 +153,34 @@ def install() -> None:
         guarded_build_app._pmod_guarded = True
         module.build_app = guarded_build_app
     _anthropic_request_errors_are_4xx()
+    _refuse_client_mm_features()
+
+
+MM_FEATURES_ENV = "PMOD_ALLOW_MM_FEATURES"
+
+
+def _refuse_client_mm_features() -> None:
+    try:
+        from vllm.entrypoints.scale_out.token_in_token_out.serving import ServingTokens
+    except ImportError:  # pragma: no cover - a vLLM without the token-in/token-out API
+        return
+    original = ServingTokens.serve_tokens
+    if getattr(original, "_pmod_guarded", False):
+        return
+
+    async def serve_tokens(self, request, raw_request=None):
+        if request.features is not None and os.environ.get(MM_FEATURES_ENV) != "1":
+            from vllm.exceptions import VLLMValidationError
+
+            return self.create_error_response(VLLMValidationError(
+                "multimodal `features` (pre-processed items) are not accepted from clients by this "
+                f"server; send images through a chat route (an operator can allow them: {MM_FEATURES_ENV}=1)",
+                parameter="features",
+            ))
+        return await original(self, request, raw_request)
+
+    serve_tokens._pmod_guarded = True
+    ServingTokens.serve_tokens = serve_tokens
 
 
 def _anthropic_request_errors_are_4xx() -> None:

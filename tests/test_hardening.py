@@ -173,6 +173,18 @@ def test_completions_echo_with_logprobs_and_raw_image_ids_is_refused_cleanly(ser
     assert_serving(server)
 
 
+def test_token_in_route_refuses_client_multimodal_features(server, vocab_size):
+    """/inference/v1/generate hands client-supplied multimodal items to the engine: one request
+    naming an image hash the engine never saw killed it (`Encoder cache miss`)."""
+    base = {"model": server.model, "sampling_params": {"max_tokens": 2}}
+    features = {"mm_hashes": {"image": ["0" * 64]}, "mm_placeholders": {"image": [{"offset": 1, "length": 1}]}}
+    assert_clean_error(post(server, "/inference/v1/generate", {**base, "token_ids": [1, vocab_size, 6],
+                                                               "features": features}))
+    assert_clean_error(post(server, "/inference/v1/generate", {**base, "token_ids": [1, vocab_size, 6]}))
+    assert post(server, "/inference/v1/generate", {**base, "token_ids": [1, 5, 6]}).status_code == 200
+    assert_serving(server)
+
+
 # --- 2. a refused request does not poison its image -----------------------------------------------
 
 REFUSALS = {
