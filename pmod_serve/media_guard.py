@@ -134,6 +134,7 @@ class MediaPolicy:
             addresses.append(str(address))
         if not addresses:
             raise MediaError(f"cannot resolve image host {host!r}")
+        addresses.sort(key=lambda a: ":" in a)  # IPv4 first: hosts without an IPv6 route
         return addresses[0]
 
     def resolve(self, host: str, port: int) -> str:
@@ -254,6 +255,10 @@ class PmodMediaConnector(MediaConnector):
         except Image.DecompressionBombError as exc:
             raise MediaError(f"image refused as a possible decompression bomb: {exc}") from exc
 
+    @classmethod
+    def _decode_data_url(cls, url: str, media_io):
+        return cls._decode(decode_data_url(url), media_io)
+
     @staticmethod
     def _timeout(fetch_timeout: int | float | None) -> float:
         return float(fetch_timeout) if fetch_timeout else DEFAULT_TIMEOUT
@@ -265,7 +270,7 @@ class PmodMediaConnector(MediaConnector):
         if kind == "data":
             if not isinstance(media_io, ImageMediaIO):
                 return super().load_from_url(url, media_io, fetch_timeout=fetch_timeout)
-            return self._decode(decode_data_url(url), media_io)
+            return self._decode_data_url(url, media_io)
         if kind == "file":
             return self._load_file_checked(url, media_io)
         self._check_http(url)
@@ -279,8 +284,7 @@ class PmodMediaConnector(MediaConnector):
         if kind == "data":
             if not isinstance(media_io, ImageMediaIO):
                 return await super().load_from_url_async(url, media_io, fetch_timeout=fetch_timeout)
-            payload = decode_data_url(url)
-            return await loop.run_in_executor(global_thread_pool, self._decode, payload, media_io)
+            return await loop.run_in_executor(global_thread_pool, self._decode_data_url, url, media_io)
         if kind == "file":
             return await loop.run_in_executor(global_thread_pool, self._load_file_checked, url, media_io)
         self._check_http(url)
