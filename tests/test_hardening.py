@@ -400,3 +400,14 @@ def test_bad_input_classes_under_plain_vllm_serve(plain_server, case):
         assert_clean_error(response)
     assert_serving(plain_server)
     assert_serving(plain_server, png_url(make_image(400, 300, 81)))  # test_bad_input's GOOD image
+
+
+
+def test_nothing_held_after_all_of_the_above(pmod_server, plain_server):
+    """Last in this module: after every refusal and option above, on both servers, no KV block
+    is held and no request is running or waiting."""
+    from test_aborts import wait_idle
+
+    for server in (pmod_server, plain_server):
+        assert wait_idle(server, timeout=120) == {"pmod_kv_blocks_in_use": 0, "vllm:kv_cache_usage_perc": 0,
+                                                  "vllm:num_requests_running": 0, "vllm:num_requests_waiting": 0}
