@@ -3,7 +3,7 @@
 #
 # Serving is `pmod-serve <checkpoint> --port 8000 [flags]` (the package's console script:
 # `vllm serve` plus production defaults: --limit-mm-per-prompt {"image": 4}, --shutdown-timeout 30
-# (SIGTERM drains in-flight requests for up to 30 s) and the SSRF-safe media guard middleware).
+# (SIGTERM drains in-flight requests for up to 30 s); the plugin's request protections apply).
 # Flags: any `vllm serve` flag, plus pmod-serve's --media-allow-host, --media-allowed-domain,
 # --media-max-bytes and --media-timeout.
 #

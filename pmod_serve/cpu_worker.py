@@ -6,10 +6,11 @@ import torch
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from pmod_serve.logprobs import PmodLogprobsRunnerMixin
 from pmod_serve.runner import PmodRunnerMixin
 
 
-class PmodCPUModelRunner(PmodRunnerMixin, CPUModelRunner):
+class PmodCPUModelRunner(PmodLogprobsRunnerMixin, PmodRunnerMixin, CPUModelRunner):
     pass
 
 

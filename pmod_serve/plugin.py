@@ -3,8 +3,10 @@
 `register()` runs in every process vLLM starts (API server, engine core, workers) through the
 `vllm.general_plugins` entry point. It registers the `pmod_llava_llama` config type, the
 `PmodLlavaLlamaForCausalLM` architecture, the `pmod` tokenizer mode, the p-MoD KV-cache spec,
-and a per-architecture config hook that switches on, for p-MoD models only, the engine
-settings they need (`PmodEngineConfig`).
+the "pmod" media connector (`pmod_serve.media_guard`), and a per-architecture config hook that
+switches on, for p-MoD models only, the engine settings they need (`PmodEngineConfig`) and the
+serving safety settings (`pmod_serve.serving_config`: processor cache, media connector, API-key
+guard on every route).
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ def register() -> None:
     from vllm.renderers.registry import RENDERER_REGISTRY
     from vllm.tokenizers.registry import TokenizerRegistry
 
-    from pmod_serve.engine_config import PmodEngineConfig
     from pmod_serve.hf_config import PmodLlavaConfig
     from pmod_serve.kv_manager import register_kv_cache_spec
     from pmod_serve.metrics import register_api_collector
+    from pmod_serve.serving_config import PmodServingConfig
     from pmod_serve.tokenizer import TOKENIZER_MODE
 
     AutoConfig.register(PMOD_MODEL_TYPE, PmodLlavaConfig, exist_ok=True)
@@ -43,7 +45,9 @@ def register() -> None:
     if TOKENIZER_MODE not in RENDERER_REGISTRY.renderers:
         # vLLM's HF renderer, plus a check that <image> markers match the images.
         RENDERER_REGISTRY.register(TOKENIZER_MODE, "pmod_serve.renderer", "PmodRenderer")
-    MODELS_CONFIG_MAP[PMOD_ARCHITECTURE] = PmodEngineConfig
+    MODELS_CONFIG_MAP[PMOD_ARCHITECTURE] = PmodServingConfig
+    # The safe media connector, registered in every process (the config hook selects it).
+    import pmod_serve.media_guard  # noqa: F401
     register_kv_cache_spec()
     _register_chat_template_fallback()
     # The first process to load the plugin (the API server) picks the metrics directory that

@@ -8,15 +8,18 @@ It is `vllm serve` (the plugin is loaded through its entry point either way) plu
     gets it too, through the plugin's fallback registration);
   - `--limit-mm-per-prompt {"image": 4}`;
   - `--shutdown-timeout 30`: on SIGTERM, stop accepting and drain in-flight requests for up to 30 s;
-  - `pmod_serve.media_guard.MediaGuardMiddleware`: remote image URLs are fetched by the server
-    itself with a timeout, a size cap, no redirects, and loopback/private addresses refused unless
-    `--media-allow-host` allows them.
+  - options to loosen the media checks that the plugin applies to p-MoD models under plain
+    `vllm serve` too (`pmod_serve.media_guard`: loopback/private addresses refused unless
+    `--media-allow-host` allows them, size cap, no redirects, image header checks);
+    `--media-allowed-domain` and `--media-timeout` are spelled as vLLM's own
+    `--allowed-media-domains` and `VLLM_IMAGE_FETCH_TIMEOUT`.
 Every flag not listed under "pmod-serve options" goes to vLLM unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -41,9 +44,12 @@ def _has_flag(args: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
-def vllm_args(checkpoint: str | None, passthrough: list[str], demo: bool) -> list[str]:
+def vllm_args(checkpoint: str | None, passthrough: list[str], demo: bool,
+              allowed_media_domains: list[str] | None = None) -> list[str]:
     """The full `vllm serve` argument list: ours where the user gave none."""
     args = list(passthrough)
+    if allowed_media_domains:
+        args += ["--allowed-media-domains", *allowed_media_domains]
     if checkpoint is not None:
         args = ["--model", checkpoint, *args]
     defaults: list[tuple[str, str | None]] = [
@@ -57,9 +63,6 @@ def vllm_args(checkpoint: str | None, passthrough: list[str], demo: bool) -> lis
     for flag, value in defaults:
         if not _has_flag(args, flag):
             args += [flag, value] if value is not None else [flag]
-    middleware = "pmod_serve.media_guard.MediaGuardMiddleware"
-    if middleware not in args:
-        args += ["--middleware", middleware]
     return args
 
 
@@ -74,9 +77,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     group.add_argument("--media-allow-host", action="append", default=[], metavar="HOST|CIDR",
                        help="allow image URLs on this non-public host/network (repeatable; '*' = any)")
     group.add_argument("--media-allowed-domain", action="append", default=[], metavar="DOMAIN",
-                       help="only fetch image URLs from these domains (repeatable)")
+                       help="only fetch image URLs from these hosts (repeatable; vLLM's --allowed-media-domains)")
     group.add_argument("--media-max-bytes", type=int, default=None, help="size cap per fetched image")
-    group.add_argument("--media-timeout", type=float, default=None, help="seconds per image fetch")
+    group.add_argument("--media-timeout", type=float, default=None,
+                       help="seconds per image fetch (vLLM's VLLM_IMAGE_FETCH_TIMEOUT, whole seconds)")
     # Like `vllm serve <model>`: the checkpoint, if given, comes first. (A positional argparse
     # argument would swallow the values of unknown vLLM flags.)
     checkpoint = argv[0] if argv and not argv[0].startswith("-") else None
@@ -92,9 +96,8 @@ def main(argv: list[str] | None = None) -> None:
 
     env = {
         "PMOD_MEDIA_ALLOW_HOSTS": ",".join(options.media_allow_host),
-        "PMOD_MEDIA_ALLOWED_DOMAINS": ",".join(options.media_allowed_domain),
         "PMOD_MEDIA_MAX_BYTES": "" if options.media_max_bytes is None else str(options.media_max_bytes),
-        "PMOD_MEDIA_TIMEOUT": "" if options.media_timeout is None else str(options.media_timeout),
+        "VLLM_IMAGE_FETCH_TIMEOUT": "" if options.media_timeout is None else str(max(1, math.ceil(options.media_timeout))),
     }
     os.environ.update({k: v for k, v in env.items() if v})
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
         checkpoint = str(build_demo_checkpoint())
-    run_vllm_server(vllm_args(checkpoint, passthrough, options.demo))
+    run_vllm_server(vllm_args(checkpoint, passthrough, options.demo, options.media_allowed_domain))
 
 
 def run_vllm_server(args: list[str]) -> None:

@@ -6,10 +6,11 @@ import torch
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
+from pmod_serve.logprobs import PmodLogprobsRunnerMixin
 from pmod_serve.runner import PmodRunnerMixin
 
 
-class PmodGPUModelRunner(PmodRunnerMixin, GPUModelRunner):
+class PmodGPUModelRunner(PmodLogprobsRunnerMixin, PmodRunnerMixin, GPUModelRunner):
     pass
 
 

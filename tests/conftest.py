@@ -195,15 +195,33 @@ class ServerProcess:
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
 
 
+# The test image host of `pmod_server`: a loopback address of its own, so that every other
+# loopback address (127.0.0.1, localhost, 127.0.0.2, ::1) stays refused on that server too.
+ALLOWED_IMAGE_HOST = "127.0.0.3"
+
+
 @pytest.fixture(scope="session")
 def pmod_server(tiny_next, tmp_path_factory):
-    """`pmod-serve` on the tiny NeXT checkpoint; loopback image URLs allowed for the tests."""
+    """`pmod-serve` on the tiny NeXT checkpoint; image URLs on ALLOWED_IMAGE_HOST allowed."""
     server = ServerProcess(
         [str(VENV_BIN / "pmod-serve"), str(tiny_next), "--served-model-name", "pmod-tiny",
-         "--max-model-len", "4096", "--dtype", "float32", "--media-allow-host", "127.0.0.1"],
+         "--max-model-len", "4096", "--dtype", "float32", "--media-allow-host", ALLOWED_IMAGE_HOST],
         model="pmod-tiny",
         log_path=tmp_path_factory.mktemp("logs") / "pmod-serve.log",
     )
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def plain_server(tiny_next, tmp_path_factory):
+    """Plain `vllm serve <checkpoint>` with no flag but the address, as the README's first line.
+    (vLLM serves the float32 checkpoint in bfloat16 here: no token-exact comparisons.)"""
+    server = ServerProcess([str(VENV_BIN / "vllm"), "serve", str(tiny_next)], model=str(tiny_next),
+                           log_path=tmp_path_factory.mktemp("logs") / "vllm-serve.log")
     try:
         server.wait_ready()
         yield server

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import VENV_BIN, ServerProcess, make_image, vicuna_prompt
+from conftest import make_image, vicuna_prompt
 
 PROBE = r"""
 import sys
@@ -31,15 +31,10 @@ def test_toolchain_and_registry_after_loading_plugins():
 
 
 @pytest.fixture(scope="module")
-def plain_vllm_server(tiny_next, tmp_path_factory):
-    """`vllm serve <dir>` with no flag but the address: plugin, template and settings come along."""
-    server = ServerProcess([str(VENV_BIN / "vllm"), "serve", str(tiny_next)], model=str(tiny_next),
-                           log_path=tmp_path_factory.mktemp("logs") / "vllm-serve.log")
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
+def plain_vllm_server(plain_server):
+    """`vllm serve <dir>` with no flag but the address (conftest's session server): plugin,
+    template and settings come along."""
+    return plain_server
 
 
 def test_plain_vllm_serve_loads_the_plugin_and_renders_exactly(plain_vllm_server, tiny_next):

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from conftest import make_image
+from conftest import ALLOWED_IMAGE_HOST, make_image
 from openai import AsyncOpenAI, BadRequestError, OpenAI
 
 from model_registry import render_prompt
@@ -39,7 +39,7 @@ def user_message(text: str, urls: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def image_host():
-    """A local HTTP server for image URLs (loopback, explicitly allowed by the test server)."""
+    """A local HTTP server for image URLs (a loopback address the test server explicitly allows)."""
     images = {"/cat.png": png_bytes(make_image(500, 400, 31)), "/wide.png": png_bytes(make_image(900, 300, 32))}
 
     class Handler(BaseHTTPRequestHandler):
@@ -54,9 +54,9 @@ def image_host():
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer((ALLOWED_IMAGE_HOST, 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", {k: make_image(*s) for k, s in
+    yield f"http://{ALLOWED_IMAGE_HOST}:{server.server_address[1]}", {k: make_image(*s) for k, s in
                                                          {"/cat.png": (500, 400, 31), "/wide.png": (900, 300, 32)}.items()}
     server.shutdown()
 
@@ -149,9 +149,10 @@ def test_completions_with_a_raw_prompt(pmod_server, tiny_next, reference):
 
 
 def test_private_image_hosts_are_refused_by_default(pmod_server):
-    """Only 127.0.0.1 is allowed on the test server; other non-public addresses are refused."""
+    """Only ALLOWED_IMAGE_HOST is allowed on the test server; other non-public addresses are refused."""
     client = OpenAI(base_url=f"{pmod_server.base_url}/v1", api_key="EMPTY", timeout=60)
-    for url in ["http://169.254.169.254/latest/meta-data", "http://10.1.2.3/x.png", "file:///etc/passwd"]:
+    for url in ["http://169.254.169.254/latest/meta-data", "http://10.1.2.3/x.png", "file:///etc/passwd",
+                "http://127.0.0.1:9/x.png"]:
         with pytest.raises(BadRequestError):
             client.chat.completions.create(model=pmod_server.model, max_tokens=2,
                                            messages=[user_message("hi", [url])])

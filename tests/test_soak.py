@@ -1,5 +1,6 @@
 """Soak: mixed valid traffic with random client aborts for a bounded time. Afterwards no block is
-held, no request is stuck, nothing but the induced aborts failed, and memory is stable."""
+held, no request is stuck, nothing but the induced aborts failed, and memory is stable. Against
+`pmod-serve` and against plain `vllm serve <checkpoint>` (no flag)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 
 import httpx
 import psutil
+import pytest
 from conftest import make_image
 from test_aborts import wait_idle
 
@@ -59,13 +61,15 @@ async def traffic(server, seconds: float, seed: int) -> dict[str, int]:
     return counts
 
 
-def test_soak_with_random_aborts(pmod_server):
-    asyncio.run(traffic(pmod_server, 15, seed=1))  # warm-up: caches, allocator pools
-    assert wait_idle(pmod_server)["pmod_kv_blocks_in_use"] == 0
-    rss_before = tree_rss(pmod_server.process.pid)
-    counts = asyncio.run(traffic(pmod_server, SOAK_SECONDS, seed=2))
-    state = wait_idle(pmod_server, timeout=120)
-    rss_after = tree_rss(pmod_server.process.pid)
+@pytest.mark.parametrize("entry_point", ["pmod-serve", "vllm serve"])
+def test_soak_with_random_aborts(request, entry_point):
+    server = request.getfixturevalue("pmod_server" if entry_point == "pmod-serve" else "plain_server")
+    asyncio.run(traffic(server, 15, seed=1))  # warm-up: caches, allocator pools
+    assert wait_idle(server)["pmod_kv_blocks_in_use"] == 0
+    rss_before = tree_rss(server.process.pid)
+    counts = asyncio.run(traffic(server, SOAK_SECONDS, seed=2))
+    state = wait_idle(server, timeout=120)
+    rss_after = tree_rss(server.process.pid)
     print(f"\n[soak] {SOAK_SECONDS:.0f}s: {counts}; server RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB")
     assert counts["failed"] == 0 and counts["ok"] > 10 and counts["aborted"] > 0, counts
     assert state == {"pmod_kv_blocks_in_use": 0, "vllm:kv_cache_usage_perc": 0,
