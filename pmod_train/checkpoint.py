@@ -44,7 +44,7 @@ TEXT_CONFIG: dict[str, Any] = {
     "num_attention_heads": 2,
     "num_key_value_heads": 2,
     "intermediate_size": 128,
-    "max_position_embeddings": 2048,
+    "max_position_embeddings": 4096,  # pmod-serve --demo serves with --max-model-len 4096
 }
 
 VISION_CONFIG: dict[str, Any] = {

@@ -4,7 +4,7 @@
 
 The kept tokens come from the plain-PyTorch reference (`PmodReference.kept_indices`: the top
 ``trunc(T * ratio)`` visual tokens by router weight at prefill, spec §2). Each panel shows the picture
-as the model sees it (the pad layout's square crop); the patches a layer skipped are greyed out.
+as the model sees it (the pad layout's square crop); the patches a layer skipped are veiled in white.
 The first panel is the picture with the model's greedy answer.
 """
 
@@ -72,25 +72,24 @@ def draw(reference: PmodReference, image: Image.Image, routing: RoutingMap, out:
     layers = sorted(routing.kept)
     columns = min(5, len(layers) + 1)
     rows = math.ceil((len(layers) + 1) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows + 0.3), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.75 * rows + 0.5), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     axes.flat[0].imshow(picture)
-    axes.flat[0].set_title(f"answer: {routing.answer}", fontsize=9)
+    axes.flat[0].set_title(f"input\nanswer: {routing.answer}", fontsize=8)
     cell = panel / routing.grid
-    grey = picture.mean(axis=2, keepdims=True) * 0.35 + 0.1
+    veiled = picture * 0.22 + 0.78  # skipped tokens: almost white, like the paper's Figure 5
     for axis, layer in zip(list(axes.flat)[1:], layers):
         mask = np.zeros((routing.grid, routing.grid), dtype=bool)
         mask.flat[routing.kept[layer]] = True
         pixel_mask = np.kron(mask, np.ones((math.ceil(cell), math.ceil(cell)), dtype=bool))[:panel, :panel]
-        axis.imshow(np.where(pixel_mask[..., None], picture, grey))
-        for index in routing.kept[layer]:  # outline kept patches
-            row, column = divmod(index, routing.grid)
-            axis.add_patch(plt.Rectangle((column * cell - 0.5, row * cell - 0.5), cell, cell, fill=False,
-                                         edgecolor="white", linewidth=0.4, alpha=0.6))
+        axis.imshow(np.where(pixel_mask[..., None], picture, veiled))
+        for line in range(1, routing.grid):  # the token grid
+            axis.axhline(line * cell - 0.5, color="grey", linewidth=0.3, alpha=0.5)
+            axis.axvline(line * cell - 0.5, color="grey", linewidth=0.3, alpha=0.5)
         total = routing.grid * routing.grid
-        axis.set_title(f"layer {layer}: kept {len(routing.kept[layer])}/{total} "
-                       f"(ratio {routing.ratios[layer]:.2f})", fontsize=8)
+        axis.set_title(f"layer {layer}: kept {len(routing.kept[layer])}/{total}\n"
+                       f"(retention ratio {routing.ratios[layer]:.3f})", fontsize=8)
     figure.suptitle(f"p-MoD routing (visual tokens kept per layer)\nQ: {routing.question}", fontsize=10)
     figure.tight_layout()
     out = Path(out)
