@@ -4,10 +4,14 @@ weights, and writing a checkpoint directory the plugin and the reference load un
 Layout: `model_registry`'s tiny ``v15`` config (``image_aspect_ratio: pad``, ``mm_patch_merge_type:
 flat``, ``mlp2x_gelu``, CLIP layer -2 patch features, the release's ``mod_*`` keys:
 ``shiftedcos_decay_0.85_0.15``, factor 0.5, ``tanh_0.2_1``, ``vision_all``, router bias) with
-  - a LLaMA decoder of ``NUM_LAYERS`` layers, hidden 64 (2 heads of 32, a head size vLLM's CPU
-    attention supports), MLP 256. The PRD formula keeps the released constant 31, so layers 0-7 are
-    ordinary and layers 8-15 are p-MoD layers with retention ratios 0.845 decaying to 0.525;
-  - a CLIP tower of 112-pixel images in 14-pixel patches: 8x8 = 64 visual tokens per image.
+  - a LLaMA decoder of ``NUM_LAYERS`` = 16 layers (not 32: training time), hidden 64 (2 heads of 32,
+    a head size vLLM's CPU attention supports), MLP 128, vocabulary 640 (model_registry's
+    SentencePiece tokenizer, trained on its corpus plus the task's sentences). The PRD formula keeps
+    the released constant 31 whatever the depth, so layers 0-7 are ordinary and layers 8-15 are
+    p-MoD layers with retention ratios 0.844, 0.806, 0.764, 0.720, 0.674, 0.625, 0.576, 0.525;
+  - a CLIP tower (3 layers, hidden 64; layer -2 feeds the projector) of 112-pixel images in
+    14-pixel patches: 8x8 = 64 visual tokens per image (its preprocessor_config resizes and crops
+    to 112).
 The dense baseline has the same config except ``mod_target_layers: shiftedcos_decay_0.0_0.0``,
 which selects no layer (the schedule's smallest ratio at depth 16 is 0.525): every layer is an
 ordinary LLaMA layer, no router weights.
