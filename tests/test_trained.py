@@ -43,10 +43,17 @@ def heldout() -> list[shapes.Example]:
     return shapes.heldout(NUM_HELDOUT)
 
 
+@pytest.fixture(scope="session")
+def llm_trained():
+    """In-process engines share vLLM's process-global state: like conftest's, this one lives until
+    the test process exits (a module-scoped engine, collected early, would break the others)."""
+    return make_llm(PMOD_CHECKPOINT, max_model_len=512)
+
+
 @pytest.fixture(scope="module")
-def served(heldout):
+def served(heldout, llm_trained):
     """Greedy outputs of the trained p-MoD checkpoint, served by vLLM with the plugin."""
-    llm = make_llm(PMOD_CHECKPOINT, max_model_len=512)
+    llm = llm_trained
     requests = [{"prompt": forward.vicuna_prompt(e.question), "multi_modal_data": {"image": [e.image]}}
                 for e in heldout]
     return llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS))
