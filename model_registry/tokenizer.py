@@ -61,13 +61,16 @@ def training_sentences(seed: int, count: int = 2000) -> list[str]:
     return sentences
 
 
-def train_sentencepiece(seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE) -> bytes:
-    """The serialised tokenizer.model (identical bytes for identical arguments)."""
+def train_sentencepiece(
+    seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE, extra_sentences: tuple[str, ...] = ()
+) -> bytes:
+    """The serialised tokenizer.model (identical bytes for identical arguments). ``extra_sentences``
+    are added to the training text (a trained checkpoint's task vocabulary)."""
     import sentencepiece as spm
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(training_sentences(seed)),
+        sentence_iterator=iter([*training_sentences(seed), *extra_sentences]),
         model_writer=model,
         model_type="bpe",
         vocab_size=vocab_size,

@@ -1,10 +1,11 @@
-"""The README demo: serve the tiny p-MoD checkpoint on CPU and ask it about an image.
+"""The README demo: serve the trained tiny p-MoD checkpoint on CPU and ask it about an image.
 
-    python -m pmod_serve.demo [--port 8000]
+    python -m pmod_serve.demo [--port 8000] [--routing-map pmod-demo-routing-map.png]
 
-Starts `pmod-serve --demo`, waits for `/health`, sends one image chat request through the
-official `openai` client, prints the answer and the KV-cache savings from `/metrics`, and stops
-the server.
+Starts `pmod-serve --demo` (the checkpoint `pmod_train` trained on coloured shapes), waits for
+`/health`, asks questions about one picture through the official `openai` client, prints the
+answers and the KV-cache savings from `/metrics`, stops the server, and draws the routing map of
+the first question (which visual tokens each p-MoD layer kept, from the plain-PyTorch reference).
 """
 
 from __future__ import annotations
@@ -19,19 +20,28 @@ import sys
 import time
 import urllib.request
 
-import numpy as np
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+# A picture in the training distribution (pmod_train.shapes) and four questions the trained model
+# answers right (it answers ~64% of held-out questions right: benchmarks/results/accuracy.json).
+DEMO_QUESTIONS = (
+    ("What shape is the blue object?", "triangle"),
+    ("How many objects are there?", "three"),
+    ("Where is the blue triangle?", "top right"),
+    ("What color is the circle?", "red"),
+)
 
-def demo_image(width: int = 672, height: int = 672) -> Image.Image:
-    """A synthetic picture: a sky gradient, a sun and a hill."""
-    y, x = np.mgrid[0:height, 0:width]
-    sky = np.stack([80 + 100 * y / height, 140 + 80 * y / height, 255 - 40 * y / height], -1)
-    picture = sky.copy()
-    picture[(x - 0.75 * width) ** 2 + (y - 0.25 * height) ** 2 < (0.1 * width) ** 2] = (255, 220, 40)
-    picture[y > 0.65 * height + 0.1 * height * np.sin(x / width * 6)] = (60, 150, 60)
-    return Image.fromarray(picture.clip(0, 255).astype(np.uint8))
+
+def demo_image() -> Image.Image:
+    """A red circle (top left), a blue triangle (top right) and a yellow square (bottom right)."""
+    from pmod_train.shapes import ShapeObject, draw_scene
+
+    return draw_scene((
+        ShapeObject("circle", "red", 0, (54.0, 58.0), 70.0),
+        ShapeObject("triangle", "blue", 1, (165.0, 52.0), 72.0),
+        ShapeObject("square", "yellow", 3, (170.0, 166.0), 64.0),
+    ), (48, 50, 46))
 
 
 def data_url(image: Image.Image) -> str:
@@ -83,9 +93,25 @@ def ask(base_url: str, model: str, image: Image.Image, question: str) -> tuple[s
     return response.choices[0].message.content, response.usage.model_dump()
 
 
+def draw_routing_map(image: Image.Image, question: str, out: str) -> str:
+    import torch
+
+    from pmod_serve.reference import PmodReference
+    from pmod_train import routing_map
+    from pmod_train.paths import PMOD_CHECKPOINT
+
+    torch.set_num_threads(1)
+    reference = PmodReference(PMOD_CHECKPOINT)
+    routing = routing_map.compute(reference, image, question)
+    routing_map.draw(reference, image, routing, out)
+    counts = ", ".join(f"{layer}:{len(kept)}" for layer, kept in sorted(routing.kept.items()))
+    return f"{out} (layer:kept of {routing.grid ** 2} visual tokens {counts})"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--routing-map", default="pmod-demo-routing-map.png", help="PNG to write ('' for none)")
     args = parser.parse_args(argv)
     base_url = f"http://127.0.0.1:{args.port}"
 
@@ -96,14 +122,18 @@ def main(argv: list[str] | None = None) -> None:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    image = demo_image()
     try:
         wait_healthy(base_url, server)
-        question = "What is in this picture?"
-        answer, usage = ask(base_url, "pmod-tiny", demo_image(), question)
+        print("[demo] the picture: a red circle (top left), a blue triangle (top right), a yellow square "
+              "(bottom right); a tiny p-MoD-LLaVA trained on such pictures (pmod_train) answers:")
+        for question, expected in DEMO_QUESTIONS:
+            answer, usage = ask(base_url, "pmod-tiny", image, question)
+            verdict = "correct" if answer.strip().lower().rstrip(".") == expected else f"WRONG, expected {expected!r}"
+            print(f"[demo]   Q: {question}  A: {answer.strip()!r} ({verdict})")
         metrics = pmod_metrics(base_url)
-        print(f"[demo] question: {question}")
-        print(f"[demo] answer (a tiny random-weight model, so not meaningful text): {answer!r}")
-        print(f"[demo] usage: {usage['prompt_tokens']} prompt tokens, {usage['completion_tokens']} completion")
+        print(f"[demo] usage of the last request: {usage['prompt_tokens']} prompt tokens, "
+              f"{usage['completion_tokens']} completion")
         visual = metrics.get("pmod_visual_tokens_total", 0.0)
         saved = metrics.get("pmod_kv_slots_saved_total", 0.0)
         ratios = [v for k, v in metrics.items() if k == "pmod_request_kv_savings_ratio_sum"]
@@ -111,13 +141,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[demo] visual tokens prefilled: {visual:.0f}; KV slots never written (skipped visual "
               f"tokens, summed over layers): {saved:.0f}")
         if count:
-            print(f"[demo] KV cache savings of the request: {ratios[0] / count:.1%} fewer blocks than dense LLaVA")
+            print(f"[demo] KV cache blocks per request: {ratios[0] / count:.1%} fewer than dense LLaVA (CPU block "
+                  "size 128: a ~110-token request fits one block per layer either way; the slots above are what "
+                  "scales with image size)")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+    if args.routing_map:
+        print(f"[demo] routing map of {DEMO_QUESTIONS[0][0]!r}: {draw_routing_map(image, DEMO_QUESTIONS[0][0], args.routing_map)}")
 
 
 if __name__ == "__main__":

@@ -728,24 +728,27 @@ class PmodReference:
                 )
         return PromptInputs(token_ids, image_spans, target_mask, counts)
 
-    @torch.no_grad()
-    def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """``[num_visual_tokens, hidden]`` of one image: CLIP -> projector -> layout merge."""
-        pixel_values = preprocess(image, self.layout).to(self.dtype)
-        features = self.model.mm_projector(self.model.vision_tower(pixel_values))
-        return merge_image_features(features, *image.size, self.layout, self.model.image_newline)
+    def encode_image(self, image: Image.Image, *, grad: bool = False) -> torch.Tensor:
+        """``[num_visual_tokens, hidden]`` of one image: CLIP -> projector -> layout merge.
+        ``grad=True`` records gradients (training, ``pmod_train``); the computation is the same."""
+        with torch.set_grad_enabled(grad):
+            pixel_values = preprocess(image, self.layout).to(self.dtype)
+            features = self.model.mm_projector(self.model.vision_tower(pixel_values))
+            return merge_image_features(features, *image.size, self.layout, self.model.image_newline)
 
-    @torch.no_grad()
-    def embed_prompt(self, inputs: PromptInputs, images: Sequence[Image.Image]) -> torch.Tensor:
+    def embed_prompt(
+        self, inputs: PromptInputs, images: Sequence[Image.Image], *, grad: bool = False
+    ) -> torch.Tensor:
         """``[tokens, hidden]``: text embeddings with each image's visual tokens in its span."""
-        token_ids = torch.tensor(inputs.token_ids)
-        is_text = torch.ones(len(inputs.token_ids), dtype=torch.bool)
-        for span in inputs.image_spans:
-            is_text[span] = False
-        inputs_embeds = self.model.embed_tokens(token_ids.masked_fill(~is_text, 0))
-        for image, span in zip(images, inputs.image_spans, strict=True):
-            inputs_embeds[span] = self.encode_image(image)
-        return inputs_embeds
+        with torch.set_grad_enabled(grad):
+            token_ids = torch.tensor(inputs.token_ids)
+            is_text = torch.ones(len(inputs.token_ids), dtype=torch.bool)
+            for span in inputs.image_spans:
+                is_text[span] = False
+            inputs_embeds = self.model.embed_tokens(token_ids.masked_fill(~is_text, 0))
+            for image, span in zip(images, inputs.image_spans, strict=True):
+                inputs_embeds[span] = self.encode_image(image, grad=grad)
+            return inputs_embeds
 
     # ----------------------------------------------------------------------------------------------
     # Generation

@@ -1,7 +1,7 @@
 """`pmod-serve`: vLLM's OpenAI-compatible server with p-MoD defaults.
 
     pmod-serve <checkpoint> [any vllm serve flag ...]     (the checkpoint comes first)
-    pmod-serve --demo [--port 8000]        # builds the tiny checkpoint if missing, serves it on CPU
+    pmod-serve --demo [--port 8000]        # serves the trained tiny checkpoint (pmod_train) on CPU
 
 It is `vllm serve` (the plugin is loaded through its entry point either way) plus defaults:
   - the registry's `vicuna_v1` chat template when the checkpoint has none (plain `vllm serve`
@@ -26,18 +26,15 @@ from pathlib import Path
 
 DEFAULT_IMAGE_LIMIT = 4
 DEFAULT_SHUTDOWN_TIMEOUT = 30
-DEMO_DIR_ENV = "PMOD_DEMO_DIR"
-
-
-def demo_checkpoint_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pmod-serve" / "demo"
-    return Path(os.environ.get(DEMO_DIR_ENV, default)) / "tiny-next"
-
-
 def build_demo_checkpoint() -> Path:
-    from model_registry.tiny import build_tiny_checkpoint
+    """The demo model: the tiny p-MoD checkpoint trained on the shapes task (`pmod_train`, committed
+    in pmod_train/checkpoints/shapes-pmod), served as is."""
+    from pmod_train.paths import PMOD_CHECKPOINT
 
-    return build_tiny_checkpoint(demo_checkpoint_dir(), variant="next", seed=0)
+    if not (PMOD_CHECKPOINT / "config.json").is_file():
+        raise SystemExit(f"pmod-serve --demo: the trained demo checkpoint is missing ({PMOD_CHECKPOINT}); "
+                         "rebuild it with `python -m pmod_train train --out " + str(PMOD_CHECKPOINT) + "`")
+    return PMOD_CHECKPOINT
 
 
 def _has_flag(args: list[str], flag: str) -> bool:
