@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import ipaddress
 import os
@@ -180,39 +181,53 @@ class MediaPolicy:
         scheme, host, port = self.split(url)
         address = self.resolve(host, port)
         pinned, headers, extensions = self.pinned_request(url, host, address)
-        try:
+        body = _Body(self, url)
+        with _fetch_errors(url, timeout):
             with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
                 with client.stream("GET", pinned, headers=headers, extensions=extensions) as response:
                     self._check_response(url, response)
-                    chunks, size = [], 0
                     for chunk in response.iter_bytes():
-                        size += len(chunk)
-                        self._too_big(url, size)
-                        chunks.append(chunk)
-        except httpx.TimeoutException as exc:
-            raise MediaError(f"fetching image {_short(url)} timed out after {timeout:g}s") from exc
-        except httpx.HTTPError as exc:
-            raise MediaError(f"fetching image {_short(url)} failed: {exc.__class__.__name__}") from exc
-        return b"".join(chunks)
+                        body.add(chunk)
+        return body.bytes()
 
     async def fetch_async(self, url: str, timeout: float) -> bytes:
         scheme, host, port = self.split(url)
         address = await self.resolve_async(host, port)
         pinned, headers, extensions = self.pinned_request(url, host, address)
-        try:
+        body = _Body(self, url)
+        with _fetch_errors(url, timeout):
             async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
                 async with client.stream("GET", pinned, headers=headers, extensions=extensions) as response:
                     self._check_response(url, response)
-                    chunks, size = [], 0
                     async for chunk in response.aiter_bytes():
-                        size += len(chunk)
-                        self._too_big(url, size)
-                        chunks.append(chunk)
-        except httpx.TimeoutException as exc:
-            raise MediaError(f"fetching image {_short(url)} timed out after {timeout:g}s") from exc
-        except httpx.HTTPError as exc:
-            raise MediaError(f"fetching image {_short(url)} failed: {exc.__class__.__name__}") from exc
-        return b"".join(chunks)
+                        body.add(chunk)
+        return body.bytes()
+
+
+class _Body:
+    """A fetched image's bytes, refused as soon as they pass the size cap."""
+
+    def __init__(self, fetcher, url: str) -> None:
+        self.fetcher, self.url, self.chunks, self.size = fetcher, url, [], 0
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        self.fetcher._too_big(self.url, self.size)
+        self.chunks.append(chunk)
+
+    def bytes(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+@contextlib.contextmanager
+def _fetch_errors(url: str, timeout: float):
+    """httpx's errors as the MediaError (a 400) of a refused image fetch."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise MediaError(f"fetching image {_short(url)} timed out after {timeout:g}s") from exc
+    except httpx.HTTPError as exc:
+        raise MediaError(f"fetching image {_short(url)} failed: {exc.__class__.__name__}") from exc
 
 
 @MEDIA_CONNECTOR_REGISTRY.register(CONNECTOR_NAME)
