@@ -32,6 +32,8 @@ COPY pyproject.toml README.md ./
 COPY pmod_serve ./pmod_serve
 COPY model_registry ./model_registry
 COPY loadtests ./loadtests
+# The trained demo model (pmod-serve --demo) and its package.
+COPY pmod_train ./pmod_train
 
 # --no-deps: vLLM, torch and friends come from the base image and must not be re-resolved.
 # transformers is then pinned with its own dependencies. The last command fails the build if the

@@ -88,6 +88,8 @@ class PmodBlockTable(BlockTable):
         # Requests taken out of the batch while they keep their blocks (not scheduled in a step):
         # their per-layer tables, restored when they come back with the same block list.
         self.parked: dict[RequestKVLayout, tuple[np.ndarray, np.ndarray, int]] = {}
+        # Requests coming back from preemption in this step (set by the runner): never restored.
+        self.fresh: set[RequestKVLayout] = set()
 
     # --- vLLM's BlockTable interface ---------------------------------------------------------
 
@@ -99,7 +101,7 @@ class PmodBlockTable(BlockTable):
         self.row_class_skipped[row_idx] = layout.skipped[self.class_first_layer]
         self.row_skips[row_idx] = layout.skips
         parked = self.parked.pop(layout, None)
-        if parked is not None and parked[2] <= len(block_ids):
+        if parked is not None and layout not in self.fresh and parked[2] <= len(block_ids):
             # Back in the batch with the blocks it had (plus any new ones): which layer each
             # block serves depends on the order it was lent in, so restore rather than re-split.
             tables, held, held_total = parked

@@ -245,12 +245,22 @@ class PmodRunnerMixin:
         stack = self._pmod_stack
         if stack is None:
             return super()._update_states(scheduler_output)
-        # Preempted requests come back with a fresh block list: their old tables are void.
-        for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
-            stack.table.forget(self._pmod_layouts.get(req_id))
-        result = super()._update_states(scheduler_output)
+        # Preempted requests come back with a fresh block list: their old tables are void (also
+        # when vLLM takes a resumed request out of the batch first, which parks them again).
+        resumed = scheduler_output.scheduled_cached_reqs.resumed_req_ids
+        stack.table.fresh = {self._pmod_layouts[r] for r in resumed if r in self._pmod_layouts}
+        try:
+            result = super()._update_states(scheduler_output)
+        finally:
+            stack.table.fresh = set()
         for req_id in scheduler_output.finished_req_ids:
             stack.table.forget(self._pmod_layouts.pop(req_id, None))
+        if stack.table.parked or len(self._pmod_layouts) > len(self.requests) + self.max_num_reqs:
+            # Whatever belongs to no live request can never come back.
+            self._pmod_layouts = {r: layout for r, layout in self._pmod_layouts.items() if r in self.requests}
+            live = set(self._pmod_layouts.values())
+            for layout in [layout for layout in stack.table.parked if layout not in live]:
+                stack.table.forget(layout)
         return result
 
     # --- per step -----------------------------------------------------------------------
