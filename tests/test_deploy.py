@@ -462,7 +462,7 @@ def repo_copy(tmp_path, tools):
     for f in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
         if (ROOT / f).exists():
             shutil.copy2(ROOT / f, dst / f)
-    for d in ("pmod_serve", "model_registry", "loadtests"):
+    for d in ("pmod_serve", "model_registry", "loadtests", "pmod_train"):
         if (ROOT / d).exists():
             os.symlink(ROOT / d, dst / d)
     return dst
