@@ -89,18 +89,6 @@ class RequestTargets:
         num_targets = self.num_targets
         return num_targets - kept_target_count(num_targets, retention_ratio)
 
-    def compacted_length(self, num_tokens: int, retention_ratio: float | None) -> int:
-        """KV slots a layer holds once the first `num_tokens` tokens have been fed."""
-        skipped = self.num_skipped(retention_ratio)
-        if skipped == 0:
-            return num_tokens
-        start, end = self.span
-        if num_tokens >= end:
-            return num_tokens - skipped
-        if num_tokens <= start:
-            return num_tokens
-        raise span_split_error(num_tokens, start, end)
-
 
 def span_split_error(num_tokens: int, start: int, end: int) -> ValueError:
     return ValueError(
