@@ -222,6 +222,21 @@ class Bench:
                 "ttft_s_median": median(ttfts), "prompt_tokens": len(outputs[0].prompt_token_ids),
                 "output_tokens": OUTPUT_TOKENS}
 
+    def host_profile(self, out_prefix: Path, batch=32):
+        """cProfile (engine-core thread) of decoding: one text request, one image request, and
+        `batch` image requests; what the host does per step, by function."""
+        texts = []
+        for label, requests in (("text, batch 1", [self.text_request()]),
+                                ("image, batch 1", [self.image_request()]),
+                                (f"image, batch {batch}", [self.image_request() for _ in range(batch)])):
+            self.llm.collective_rpc(common.rpc_host_profile_start, timeout=120)
+            _, seconds = self.run(requests, OUTPUT_TOKENS)
+            text = self.llm.collective_rpc(common.rpc_host_profile_stop, timeout=300)[0]
+            texts.append(f"######## {label}, {OUTPUT_TOKENS} output tokens, {seconds:.2f} s\n{text}")
+        path = out_prefix.with_suffix(".hostprofile.txt")
+        path.write_text("\n".join(texts))
+        return {"host_profile": path.name}
+
     def profile(self, out_prefix: Path, batch=32, max_tokens=24):
         """torch.profiler summaries (worker side) of one batch-1 prefill and of a batch-32 run."""
         if self.args.no_torch_profiler:
@@ -307,6 +322,7 @@ def main() -> None:
         ("prefill_bs16", lambda: bench.prefill_bs16(reps=1 if tiny else 3, batch=4 if tiny else 16)),
         ("decode_bs32", lambda: bench.decode(4 if tiny else 32)),
         ("profile", lambda: bench.profile(args.out, batch=4 if tiny else 32, max_tokens=8 if tiny else 24)),
+        ("host_profile", lambda: bench.host_profile(args.out, batch=4 if tiny else 32)),
         ("decode_bs128", lambda: bench.decode(8 if tiny else 128)),
         ("throughput", lambda: bench.throughput(8 if tiny else args.num_requests)),
     ]

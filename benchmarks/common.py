@@ -236,3 +236,30 @@ def rpc_profiler_stop(self) -> str:
         device = ""
     host = averages.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70)
     return f"== by device time ==\n{device}\n\n== by host time ==\n{host}\n"
+
+
+def rpc_host_profile_start(self) -> bool:
+    """cProfile of the engine core's thread (scheduler, runner, output handling) until stopped."""
+    import cProfile
+
+    profiler = cProfile.Profile()
+    self.model_runner._bench_cprofile = profiler
+    profiler.enable()
+    return True
+
+
+def rpc_host_profile_stop(self, limit: int = 45) -> str:
+    import io
+    import pstats
+
+    profiler = getattr(self.model_runner, "_bench_cprofile", None)
+    if profiler is None:
+        return ""
+    profiler.disable()
+    self.model_runner._bench_cprofile = None
+    texts = []
+    for sort in ("cumulative", "tottime"):
+        stream = io.StringIO()
+        pstats.Stats(profiler, stream=stream).strip_dirs().sort_stats(sort).print_stats(limit)
+        texts.append(f"== host profile by {sort} ==\n{stream.getvalue()}")
+    return "\n".join(texts)

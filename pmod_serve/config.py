@@ -52,6 +52,11 @@ class WeightNorm:
         except ValueError as exc:
             raise PmodConfigError(f"mod_weight_norm {value!r}: scale and bias must be numbers") from exc
 
+    @property
+    def elementwise(self) -> bool:
+        """Whether `apply` treats every logit on its own (so several sequences can go at once)."""
+        return self.kind != "softmax"
+
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Normalise the router logits of one sequence's target tokens (1-D)."""
         if self.kind == "tanh":

@@ -9,8 +9,9 @@ the same installation are untouched. What it switches, and why:
   vLLM's per-group content hashing would share blocks that do not match (refused if asked for);
 - `max_num_batched_tokens >= max_model_len`: a request's visual tokens must fit in one step;
 - torch.compile and CUDA graphs as vLLM sets them, except for steps that route visual tokens
-  (top-k, gathers of a data-dependent size): those run eagerly (pmod_serve.model sets vLLM's
-  `skip_compiled`, pmod_serve.runner forces eager execution). On CPUs everything runs eagerly.
+  (top-k, gathers of a data-dependent size): those run eagerly, with vLLM's CUDA kernels for its
+  custom ops (pmod_serve.model sets vLLM's `skip_compiled`, pmod_serve.runner forces eager
+  execution). On CPUs everything runs eagerly.
 - speculative decoding and pipeline parallelism are refused.
 """
 

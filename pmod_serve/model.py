@@ -15,6 +15,7 @@ Reads top-down:
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
@@ -24,11 +25,13 @@ import torch
 from PIL import Image
 from torch import nn
 from transformers import BatchFeature, CLIPVisionConfig
+from vllm import ir
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.config.multimodal import BaseDummyOptions
 from vllm.distributed import get_pp_group
 from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.custom_op import CustomOp
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
@@ -49,6 +52,7 @@ from vllm.multimodal.processing import (
     PromptReplacement,
     PromptUpdate,
 )
+from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from model_registry import resolve_vision_tower
@@ -201,37 +205,80 @@ class PmodDecoderLayer(nn.Module):
             mlp_out, h = self.decoder_layer(positions, x, None)
             return h + mlp_out
 
-        # Router weights of the target tokens, normalised per request (TanhNorm).
+        # Router weights of the target tokens, normalised per request (TanhNorm). Gathers and
+        # scatters use index_select / index_fill_ / index_copy_: a Python-scalar item assignment
+        # (`t[idx] = True`) would copy the scalar to the device and wait for the GPU.
         target_index = routing.target_index
-        logits = self.router(x[target_index])
-        weights = torch.empty_like(logits)
-        kept = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        kept[target_index] = False
+        logits = self.router(x.index_select(0, target_index))
+        segments = routing.segments
+        if self.weight_norm.elementwise or len(segments) == 1:
+            weights = self.weight_norm.apply(logits)
+        else:
+            weights = torch.cat([self.weight_norm.apply(logits[start:end]) for start, end in segments])
+        kept = torch.ones(x.shape[0], dtype=torch.bool, device=x.device).index_fill_(0, target_index, False)
         num_kept_tokens = x.shape[0]
-        for start, end in routing.segments:
-            weights[start:end] = self.weight_norm.apply(logits[start:end])
+        chosen = []
+        for start, end in segments:
             num_kept = kept_target_count(end - start, self.retention_ratio)
             num_kept_tokens -= end - start - num_kept
             top = torch.topk(weights[start:end], num_kept).indices
-            kept[target_index[start:end][top]] = True
+            chosen.append(top + start if start else top)
+        kept.index_fill_(0, target_index.index_select(0, torch.cat(chosen) if len(chosen) > 1 else chosen[0]), True)
         # The count is known on the host: no device-to-host sync to size the result.
         kept_index = torch.nonzero_static(kept, size=num_kept_tokens).squeeze(1)
 
         # The decoder layer on the kept tokens only, in their original order and positions:
         # exactly what the compacted attention metadata of this layer's KV group expects.
-        mlp_out, h = self.decoder_layer(positions[kept_index], x[kept_index], None)
+        mlp_out, h = self.decoder_layer(positions.index_select(0, kept_index), x.index_select(0, kept_index), None)
 
         # STRing: kept targets y = h + w*m, kept text y = h + m, skipped targets y = w*x.
         token_weight = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-        token_weight[target_index, 0] = weights
+        token_weight.index_copy_(0, target_index, weights.to(x.dtype).unsqueeze(1))
         out = token_weight * x
-        out[kept_index] = h + token_weight[kept_index] * mlp_out
+        out.index_copy_(0, kept_index, h + token_weight.index_select(0, kept_index) * mlp_out)
         return out
 
 
 # ---------------------------------------------------------------------------------------------
 # 4. Decoder and model
 # ---------------------------------------------------------------------------------------------
+
+
+# With torch.compile on, vLLM runs its custom ops (rotary embedding, SiluAndMul, RMSNorm, ...) as
+# their PyTorch-native code, written for Inductor to fuse. Steps that route visual tokens run
+# eagerly, where that code is several unfused kernels per op: there the ops call vLLM's CUDA
+# kernels instead; what torch.compile traces stays native.
+_EAGER_KERNEL_PROVIDER = "vllm_c"
+
+
+def use_cuda_kernels_when_eager(model: nn.Module) -> None:
+    if not current_platform.is_cuda_alike():
+        return
+    for module in model.modules():
+        if not isinstance(module, CustomOp) or module.enabled() or module._enforce_enable:
+            continue
+        if type(module).forward_cuda is CustomOp.forward_cuda:
+            continue  # no CUDA kernel of its own
+        module._forward_method = _native_when_compiling(module.forward_native, module.forward_cuda)
+
+
+def _native_when_compiling(native, cuda):
+    def forward(*args, **kwargs):
+        return native(*args, **kwargs) if torch.compiler.is_compiling() else cuda(*args, **kwargs)
+
+    return forward
+
+
+@contextlib.contextmanager
+def eager_kernel_priority():
+    """vLLM IR ops (RMSNorm) dispatch at call time: prefer the CUDA kernels while this lasts."""
+    with contextlib.ExitStack() as stack:
+        if current_platform.is_cuda_alike():
+            for op in (ir.ops.rms_norm, ir.ops.fused_add_rms_norm):
+                impl = op.impls.get(_EAGER_KERNEL_PROVIDER)
+                if impl is not None and impl.supported:
+                    stack.enter_context(op.set_priority([_EAGER_KERNEL_PROVIDER, "native"]))
+        yield
 
 
 # torch.compile traces the decoder of steps that route nothing (decoding, text, or images whose
@@ -324,6 +371,7 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
                                           prefix=maybe_prefix(prefix, "lm_head"))
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        use_cuda_kernels_when_eager(self)
 
     # -- runner hook --------------------------------------------------------------------------
 
@@ -355,9 +403,13 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
-        if self.routing is not None and is_forward_context_available():
+        if self.routing is None:
+            return self.model(input_ids, positions, inputs_embeds, None)
+        # Routing visual tokens: eager, with vLLM's CUDA kernels (see use_cuda_kernels_when_eager).
+        if is_forward_context_available():
             get_forward_context().skip_compiled = True
-        return self.model(input_ids, positions, inputs_embeds, self.routing)
+        with eager_kernel_priority():
+            return self.model(input_ids, positions, inputs_embeds, self.routing)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

@@ -14,19 +14,22 @@ that does not grow with the number of layers or retention ratios:
   `[layer, request, block]` table reaches the device in one copy;
 - the compacted lengths of every retention-ratio *class* are computed at once (`[class,
   request]` numpy arrays), copied in one transfer per field into persistent buffers;
-- every layer's slot mapping comes from one batched gather over `[layer, token]`;
+- every layer's slot mapping comes from one batched gather over `[layer, token]` (on the host for
+  small steps, on the device for large ones);
 - attention metadata is built once per class (each class has its own builder, so CUDA graphs
   read per-class buffers); the other layers of a class take it with their own block table and
-  slot mapping (`update_block_table`, vLLM's own shortcut for exactly that).
+  slot mapping (`update_block_table`, vLLM's own shortcut for exactly that). A step in which no
+  request has skipped a token yet (text only) has equal lengths in every class: one build then
+  serves every layer.
 
 Overrides of vLLM's V1 `GPUModelRunner` (shared by `CPUModelRunner`): `get_kv_cache_spec`,
 `initialize_kv_cache`, `_cleanup_profiling_kv_cache`, `_update_states`, `_prepare_inputs`, `_get_slot_mappings`, `_build_attention_metadata`,
 `_determine_batch_execution_and_padding` and `_dummy_run`.
 
-CUDA graphs. Decode steps replay full CUDA graphs (`cudagraph_mode=FULL_DECODE_ONLY`, set by
-`pmod_serve.engine_config` on GPUs). A graph bakes in the addresses its kernels read, so the
-block tables, slot mappings and per-class `query_start_loc`/`seq_lens` live in persistent
-buffers that every step rewrites. Steps that route visual tokens (prefill) run eagerly.
+CUDA graphs. Steps that route nothing (decoding, text) run vLLM's defaults: torch.compile and
+full or piecewise CUDA graphs. A graph bakes in the addresses its kernels read, so the block
+tables, slot mappings and per-class `query_start_loc`/`seq_lens` live in persistent buffers that
+every step rewrites. Steps that route visual tokens (prefill) run eagerly.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ from pmod_serve.kv_manager import PmodAttentionSpec, register_kv_cache_spec
 
 # vLLM's block id 0 is the pool's null block: padded rows of a CUDA-graph batch point there.
 NULL_BLOCK_ID = 0
+
+# Steps of at most this many tokens get their slot mappings from the host (see _pmod_slot_mapping).
+HOST_SLOT_MAPPING_MAX_TOKENS = 512
 
 
 @dataclass
@@ -73,6 +79,9 @@ class PmodStep:
     max_query_len: np.ndarray  # [class]
     max_seq_len: np.ndarray  # [class]
     num_scheduled_tokens: int  # uncompacted
+    # No request of the step has skipped a token yet (text only, or before its images): every
+    # class has the same compacted lengths, so one attention-metadata build serves all layers.
+    classes_identical: bool
 
 
 class PmodStack:
@@ -107,6 +116,8 @@ class PmodStack:
         self.kept_index_by_class = self.kept_index.np.T
         # Batch indices of the step's routing targets (pinned: the copy does not wait for the GPU).
         self.target_index = buffer(max_num_tokens, dtype=torch.int64)
+        # Host-computed slot mappings of small steps, `[layer, token]` packed (pinned).
+        self.staged_slots = buffer(len(self.layer_names) * min(max_num_tokens, HOST_SLOT_MAPPING_MAX_TOKENS), dtype=torch.int64)
         self.kept_request_by_class = self.kept_request.np.T
         self.class_of_layer_gpu = torch.from_numpy(self.class_of_layer).to(device)
         self.layer_arange = np.arange(len(self.layer_names))[:, None]
@@ -131,8 +142,36 @@ class PmodStack:
             builder_cls(builder_spec, [self.layer_names[layer] for layer in layers], runner.vllm_config, device)
             for layers in self.class_layers
         ]
+        self.shared_builds = self._stack_persistent_builder_state(runner)
         self._request_views: dict[int, tuple[list[tuple], list[torch.Tensor]]] = {}
-        self._slot_views: dict[int, list[torch.Tensor]] = {}
+        self._slot_views: dict[tuple[int, ...], list[torch.Tensor]] = {}
+
+    def _stack_persistent_builder_state(self, runner) -> bool:
+        """Whether one class's metadata build may serve every layer when the classes' lengths
+        are equal. A full CUDA graph reads each class builder's persistent buffers, so that is
+        allowed only where those buffers are known and kept equal: none without full graphs;
+        FlashAttention's AOT scheduler metadata, stacked here so one copy refreshes all."""
+        if not runner.compilation_config.cudagraph_mode.has_full_cudagraphs():
+            return True
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+        if type(self.builders[0]) is not FlashAttentionMetadataBuilder:
+            return False
+        buffers = [getattr(builder, "scheduler_metadata", None) for builder in self.builders]
+        if any(buffer is None for buffer in buffers):
+            self.scheduler_metadata = None
+            return not any(buffer is not None for buffer in buffers)
+        self.scheduler_metadata = torch.stack(buffers)
+        for builder, row in zip(self.builders, self.scheduler_metadata):
+            builder.scheduler_metadata = row
+        return True
+
+    def share_class_build(self) -> None:
+        """After a build of class 0 that stands for every class: the other classes' persistent
+        builder state (read by full CUDA graphs) takes its values."""
+        stacked = getattr(self, "scheduler_metadata", None)
+        if stacked is not None:
+            stacked[1:].copy_(stacked[0].expand_as(stacked[1:]))
 
     @property
     def num_classes(self) -> int:
@@ -159,13 +198,17 @@ class PmodStack:
             views = self._request_views[num_reqs] = (per_class, list(tables.unbind(0)))
         return views
 
-    def slot_views(self, num_slots: int) -> list[torch.Tensor]:
-        """Per layer: its slot mapping for `num_slots` tokens (cached like `request_views`)."""
-        views = self._slot_views.get(num_slots)
+    def slot_views(self, class_slots: tuple[int, ...]) -> list[torch.Tensor]:
+        """Per layer: its slot mapping, `class_slots[k]` tokens long for the layers of class
+        `k` (cached like `request_views`: decode steps repeat their lengths)."""
+        views = self._slot_views.get(class_slots)
         if views is None:
             if len(self._slot_views) > 256:
                 self._slot_views.clear()
-            views = self._slot_views[num_slots] = list(self.table.slot_mapping.gpu[:, :num_slots].unbind(0))
+            slot_mapping = self.table.slot_mapping.gpu
+            views = self._slot_views[class_slots] = [
+                slot_mapping[layer, : class_slots[k]] for layer, k in enumerate(self.class_of_layer.tolist())
+            ]
         return views
 
 
@@ -342,26 +385,39 @@ class PmodRunnerMixin:
             max_query_len=query_lens.max(axis=1, initial=0),
             max_seq_len=end.max(axis=1, initial=0),
             num_scheduled_tokens=total,
+            classes_identical=bool((end == end[0]).all() and (start == start[0]).all()),
         )
 
     def _pmod_slot_mapping(self, stack: PmodStack, num_tokens: int) -> None:
-        """Every layer's slot mapping at once: `[layer, token]`, -1 where a class has no token."""
+        """Every layer's slot mapping at once: `[layer, token]`, -1 where a class has no token.
+
+        Small steps (decoding) are computed on the host, from the host copies of the tables and
+        indices, and reach the device in one copy: cheaper than the ten device ops of a gather;
+        large steps (prefill) gather on the device."""
         block_size = stack.block_size
-        if stack.table.host_only:
-            # CPU: the host arrays are the device's; numpy skips torch's per-op threading.
+        table = stack.table
+        if table.host_only or num_tokens <= HOST_SLOT_MAPPING_MAX_TOKENS:
             kept_index = stack.kept_index_by_class[stack.class_of_layer, :num_tokens]
             kept_request = stack.kept_request_by_class[stack.class_of_layer, :num_tokens]
             index = np.maximum(kept_index, 0)
-            blocks = stack.table.tables.np[stack.layer_arange, kept_request, index // block_size]
+            blocks = table.tables.np[stack.layer_arange, kept_request, index // block_size]
             slots = blocks.astype(np.int64) * block_size + index % block_size
-            stack.table.slot_mapping.np[:, :num_tokens] = np.where(kept_index >= 0, slots, -1)
+            if table.host_only:
+                # CPU: the host arrays are the device's.
+                table.slot_mapping.np[:, :num_tokens] = np.where(kept_index >= 0, slots, -1)
+                return
+            # One contiguous pinned copy, then a device-side strided copy into the rows.
+            staged = stack.staged_slots.np[: slots.size].reshape(slots.shape)
+            np.copyto(staged, np.where(kept_index >= 0, slots, -1))
+            stack.staged_slots.copy_to_gpu(slots.size)
+            table.slot_mapping.gpu[:, :num_tokens].copy_(stack.staged_slots.gpu[: slots.size].view(slots.shape))
             return
         kept_index = stack.kept_index.gpu[:num_tokens].T[stack.class_of_layer_gpu]
         kept_request = stack.kept_request.gpu[:num_tokens].T[stack.class_of_layer_gpu]
         index = kept_index.clamp(min=0)
-        blocks = stack.table.tables.gpu[stack.layer_arange_gpu, kept_request, index // block_size]
+        blocks = table.tables.gpu[stack.layer_arange_gpu, kept_request, index // block_size]
         slots = blocks.to(torch.int64) * block_size + index % block_size
-        stack.table.slot_mapping.gpu[:, :num_tokens] = torch.where(kept_index >= 0, slots, -1)
+        table.slot_mapping.gpu[:, :num_tokens] = torch.where(kept_index >= 0, slots, -1)
 
     def _routing_for_step(self, stack: PmodStack, num_computed: np.ndarray, num_sched: np.ndarray) -> PmodRouting | None:
         """Batch indices of the target tokens prefilled in this step (all or none of a request's)."""
@@ -406,12 +462,8 @@ class PmodRunnerMixin:
             slot_mapping[:, num_tokens_unpadded:num_tokens_padded].fill_(-1)
             lengths = step.num_tokens
         padding = num_tokens_padded - num_tokens_unpadded
-        class_slots = [stack.slot_views(int(length) + padding) for length in lengths]
-        by_layer = {
-            name: class_slots[k][layer]
-            for layer, (name, k) in enumerate(zip(stack.layer_names, stack.class_of_layer.tolist()))
-        }
-        return {0: slot_mapping[0, :num_tokens_padded]}, by_layer
+        views = stack.slot_views(tuple((lengths + padding).tolist()))
+        return {0: slot_mapping[0, :num_tokens_padded]}, dict(zip(stack.layer_names, views))
 
     def _build_attention_metadata(self, *args, **kwargs):
         stack = self._pmod_stack
@@ -459,6 +511,11 @@ class PmodRunnerMixin:
 
         attn_metadata = {}
         layer_names = stack.layer_names
+        if step is not None:
+            class_slots = stack.slot_views(tuple((step.num_tokens + padding).tolist()))
+        else:
+            class_slots = stack.slot_views((num_tokens + padding,) * stack.num_classes)
+        shared = step is not None and step.classes_identical and stack.shared_builds and not for_cudagraph_capture
         for k, layers in enumerate(stack.class_layers):
             query_start_loc, query_start_loc_cpu, seq_lens, seq_lens_cpu_k, num_computed_k = class_views[k]
             if step is not None:
@@ -483,7 +540,6 @@ class PmodRunnerMixin:
                     max_seq_len=max_seq_len,
                     positions=self.positions[:num_tokens_padded],
                 )
-            slots = stack.slot_views(class_tokens + padding)
             first = int(layers[0])
             metadata = CommonAttentionMetadata(
                 **common,
@@ -492,7 +548,7 @@ class PmodRunnerMixin:
                 num_reqs=num_reqs_padded,
                 num_actual_tokens=class_tokens + padding,
                 block_table_tensor=tables[first],
-                slot_mapping=slots[first],
+                slot_mapping=class_slots[first],
                 causal=True,
                 is_prefilling=is_prefilling,
             )
@@ -501,9 +557,15 @@ class PmodRunnerMixin:
                 built = builder.build_for_cudagraph_capture(metadata)
             else:
                 built = builder.build(common_prefix_len=0, common_attn_metadata=metadata)
+            if shared:
+                # Every class has these lengths: class 0's build serves all layers.
+                stack.share_class_build()
+                for layer, name in enumerate(layer_names):
+                    attn_metadata[name] = _with_layer_kv(builder, built, tables[layer], class_slots[layer])
+                return attn_metadata
             attn_metadata[layer_names[first]] = built
             for layer in layers[1:]:
-                attn_metadata[layer_names[layer]] = _with_layer_kv(builder, built, tables[layer], slots[layer])
+                attn_metadata[layer_names[layer]] = _with_layer_kv(builder, built, tables[layer], class_slots[layer])
         return attn_metadata
 
     def _dummy_run(self, *args, **kwargs):

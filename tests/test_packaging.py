@@ -1,0 +1,42 @@
+"""The GPU-host install the README gives (`pip install .` from a clone, or a wheel built from it)
+produces a package that pins vLLM's toolchain and registers the plugin and the CLI."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_pins_the_toolchain_and_registers_the_plugin(tmp_path):
+    # Build from a copy of the tracked files, as a clone has them (setuptools writes build/ in
+    # the source tree).
+    source = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        target = source / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
+        check=True,
+        cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("pmod_serve-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        info = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        metadata = archive.read(info).decode()
+        entry_points = archive.read(info.replace("METADATA", "entry_points.txt")).decode()
+    requires = {line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")}
+    assert "vllm==0.26.0" in requires and "transformers==5.16.0" in requires
+    assert "pmod = pmod_serve.plugin:register" in entry_points
+    assert "pmod-serve = pmod_serve.server:main" in entry_points
+    # What `vllm serve <checkpoint>` and the demo need at run time ships in the wheel.
+    assert "pmod_serve/model.py" in names and "pmod_serve/plugin.py" in names
+    assert any(n.startswith("model_registry/templates/") and n.endswith(".jinja") for n in names)
+    assert any(n.startswith("pmod_train/checkpoints/") for n in names)
