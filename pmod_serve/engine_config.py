@@ -4,7 +4,7 @@ vLLM calls `PmodEngineConfig` for `PmodLlavaLlamaForCausalLM` only, so other mod
 the same installation are untouched. What it switches, and why:
 
 - tokenizer mode `pmod`: the released slow-tokenizer encoding (pmod_serve.tokenizer);
-- the p-MoD worker and scheduler: compacted KV groups, one-step visual prefill;
+- the p-MoD worker and scheduler: per-layer compacted KV in one KV cache group, one-step visual prefill;
 - prefix caching off: blocks of a compacted group hold a different token subset per layer, so
   vLLM's per-group content hashing would share blocks that do not match (refused if asked for);
 - `max_num_batched_tokens >= max_model_len`: a request's visual tokens must fit in one step;
@@ -51,7 +51,10 @@ class PmodEngineConfig(VerifyAndUpdateConfig):
         if parallel_config.pipeline_parallel_size > 1:
             raise ValueError("p-MoD models do not support pipeline parallelism; use tensor parallelism")
         if scheduler_config.disable_hybrid_kv_cache_manager:
-            raise ValueError("p-MoD needs vLLM's hybrid KV cache manager (one KV group per retention ratio)")
+            raise ValueError(
+                "p-MoD needs vLLM's hybrid KV cache manager: its KV cache spec (the whole decoder in one "
+                "group, per-layer block tables) is a custom one; drop --disable-hybrid-kv-cache-manager"
+            )
 
         if cache_config.enable_prefix_caching:
             logger.info("p-MoD: prefix caching disabled (compacted KV blocks are not content-addressable)")

@@ -27,6 +27,20 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("PMOD_TEST_CACHE", REPO / ".cache" / "tests"))
 
+# Fixtures that start a vLLM engine or server: a test that uses one (directly or through another
+# fixture) is marked `engine`, so `make test-fast` (`-m "not engine"`) leaves it out. Modules
+# that start engines themselves declare `pytestmark = pytest.mark.engine`.
+ENGINE_FIXTURES = {
+    "llm_next", "llm_v15", "llm_small_pool", "llm_trained", "served",  # in-process engines
+    "pmod_server", "plain_server", "plain_vllm_server", "keyed_servers", "server",  # server processes
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if ENGINE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.engine)
+
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."

@@ -8,7 +8,10 @@ import signal
 import threading
 
 import httpx
+import pytest
 from conftest import VENV_BIN, ServerProcess
+
+pytestmark = pytest.mark.engine  # starts its own engines or servers
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_next, tmp_path):

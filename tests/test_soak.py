@@ -17,6 +17,8 @@ import pytest
 from conftest import make_image
 from test_aborts import wait_idle
 
+pytestmark = pytest.mark.engine  # starts its own engines or servers
+
 SOAK_SECONDS = float(os.environ.get("PMOD_SOAK_SECONDS", "100"))
 CONCURRENCY = 4
 

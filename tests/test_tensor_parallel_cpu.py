@@ -9,7 +9,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import make_image, vicuna_prompt
+
+pytestmark = pytest.mark.engine  # starts its own engines or servers
 
 SCRIPT = textwrap.dedent(
     """
