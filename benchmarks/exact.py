@@ -139,6 +139,10 @@ def main() -> None:
     parser.add_argument("--tie-margin", type=float, default=0.1)
     parser.add_argument("--max-logprob-error", type=float, default=0.25)
     parser.add_argument("--capture-sizes", default="1,2,4,8,16")
+    # Production configurations (issue 15): the same cases and checks under these engine flags.
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--quantization", default=None)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--name", default=None)
     parser.add_argument("--reference-cache", type=Path, default=None,
@@ -159,6 +163,8 @@ def main() -> None:
 
     result = {"name": args.name, "argv": sys.argv, "checkpoint": str(args.checkpoint), "dtype": args.dtype,
               "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager,
+              "tensor_parallel_size": args.tensor_parallel_size, "kv_cache_dtype": args.kv_cache_dtype,
+              "quantization": args.quantization,
               "check": args.check, "cases": {}, "errors": {},
               "env": {k: os.environ.get(k) for k in ("TRITON_F32_DEFAULT", "VLLM_FLOAT32_MATMUL_PRECISION")}}
 
@@ -192,7 +198,10 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     kwargs = dict(model=str(args.checkpoint), dtype=args.dtype, seed=0, max_model_len=4096,
-                  max_logprobs=20, gpu_memory_utilization=0.3)
+                  max_logprobs=20, gpu_memory_utilization=0.3,
+                  tensor_parallel_size=args.tensor_parallel_size, kv_cache_dtype=args.kv_cache_dtype)
+    if args.quantization:
+        kwargs["quantization"] = args.quantization
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if args.attention_backend:
