@@ -23,6 +23,8 @@ import urllib.request
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from pmod_serve import envs
+
 # A picture in the training distribution (pmod_train.shapes) and four questions the trained model
 # answers right (it answers ~64% of held-out questions right: benchmarks/results/accuracy.json).
 DEMO_QUESTIONS = (
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[demo] starting pmod-serve --demo on {base_url} (CPU; first start takes a minute or two)")
     server = subprocess.Popen(
         [sys.executable, "-m", "pmod_serve.server", "--demo", "--port", str(args.port)],
-        stdout=subprocess.DEVNULL if not os.environ.get("PMOD_DEMO_VERBOSE") else None,
+        stdout=subprocess.DEVNULL if not envs.PMOD_DEMO_VERBOSE else None,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )

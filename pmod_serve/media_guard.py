@@ -19,7 +19,7 @@ included (SSRF), follows redirects, and decodes images with no bomb check. The p
 - every image (fetched, `data:` URL or file) is checked from its header before anything decodes
   it: a readable image of at least 1x1 and at most vLLM's `VLLM_MAX_IMAGE_PIXELS` pixels.
 
-Loosened by environment (set by `pmod-serve` flags; inherited by every process):
+Loosened by environment (`pmod_serve.envs`; set by `pmod-serve` flags, inherited by every process):
   PMOD_MEDIA_ALLOW_HOSTS   comma-separated hosts, IPs or CIDRs allowed although not public ('*': any)
   PMOD_MEDIA_MAX_BYTES     size cap per fetched item (default 20 MiB)
 """
@@ -32,7 +32,6 @@ import binascii
 import contextlib
 import io
 import ipaddress
-import os
 import socket
 from urllib.parse import urlsplit, urlunsplit
 
@@ -41,8 +40,9 @@ from PIL import Image, UnidentifiedImageError
 from vllm.multimodal.media import MEDIA_CONNECTOR_REGISTRY, MediaConnector
 from vllm.multimodal.media.image import ImageMediaIO
 
+from pmod_serve import envs
+
 CONNECTOR_NAME = "pmod"
-DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_TIMEOUT = 5.0  # vLLM's VLLM_IMAGE_FETCH_TIMEOUT default
 
 
@@ -85,10 +85,6 @@ def decode_data_url(url: str) -> bytes:
         raise MediaError("image data URL is not valid base64") from exc
 
 
-def _split_env(name: str) -> list[str]:
-    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
-
-
 def _short(url: str) -> str:
     return repr(url[:100] + ("..." if len(url) > 100 else ""))
 
@@ -97,8 +93,8 @@ class MediaPolicy:
     """Which remote hosts may be fetched, and how."""
 
     def __init__(self) -> None:
-        self.allow_hosts = _split_env("PMOD_MEDIA_ALLOW_HOSTS")
-        self.max_bytes = int(os.environ.get("PMOD_MEDIA_MAX_BYTES") or DEFAULT_MAX_BYTES)
+        self.allow_hosts = envs.PMOD_MEDIA_ALLOW_HOSTS
+        self.max_bytes = envs.PMOD_MEDIA_MAX_BYTES
 
     def _explicitly_allowed(self, host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         for entry in self.allow_hosts:

@@ -21,6 +21,8 @@ import time
 
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
+from pmod_serve import envs
+
 METRICS_DIR_ENV = "PMOD_METRICS_DIR"
 
 BLOCKS_IN_USE = "pmod_kv_blocks_in_use"
@@ -49,7 +51,7 @@ def metrics_dir() -> str:
 
 
 def ensure_private_metrics_dir() -> str:
-    directory = os.environ.get(METRICS_DIR_ENV)
+    directory = envs.PMOD_METRICS_DIR
     if not directory:
         directory = tempfile.mkdtemp(prefix="pmod-metrics-")
         os.environ[METRICS_DIR_ENV] = directory

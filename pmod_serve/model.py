@@ -1,4 +1,4 @@
-"""p-MoD-LLaVA for vLLM (arXiv 2412.04449; the computation of shared/spec/p-mod.md).
+"""p-MoD-LLaVA for vLLM (arXiv 2412.04449; the computation of docs/p-mod.md).
 
 LLaVA with a LLaMA decoder whose deeper layers are Mixture-of-Depths layers: each one runs only
 on a request's text tokens plus the top-k of its visual tokens, k shrinking layer by layer

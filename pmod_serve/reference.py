@@ -1,4 +1,4 @@
-"""Plain-PyTorch p-MoD-LLaVA inference, written straight from the spec (/work/shared/spec/p-mod.md).
+"""Plain-PyTorch p-MoD-LLaVA inference, written straight from the spec (docs/p-mod.md).
 
 This is the ground truth the vLLM model is compared against, token for token. It is deliberately
 simple: one request at a time, no batching, no vLLM, eager attention. It reads top-down like the

@@ -23,6 +23,7 @@ import torch
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
+from pmod_serve import envs
 from pmod_serve.prompt import IMAGE_MARKER
 
 FQCN = "pmod_serve.sampling_guard:PmodSamplingGuard"
@@ -36,8 +37,7 @@ class PmodSamplingGuard(LogitsProcessor):
     def model_vocab_size(cls) -> int | None:
         if cls.vocab_size is not None:
             return cls.vocab_size
-        value = os.environ.get(VOCAB_ENV)
-        return int(value) if value and value.isdigit() else None
+        return envs.PMOD_MODEL_VOCAB_SIZE
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:

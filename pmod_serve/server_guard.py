@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import sys
 
+from pmod_serve import envs
+
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics"})
-MAX_BODY_BYTES = int(os.environ.get("PMOD_MAX_BODY_BYTES", 64 * 1024 * 1024))
+
 MIDDLEWARE = "pmod_serve.server_guard.ServerGuardMiddleware"
 
 
@@ -95,21 +96,22 @@ class ServerGuardMiddleware:
             return await self._refuse(scope, send, 401, "Unauthorized: a valid API key is required", "AuthenticationError")
         if scope["type"] == "http":
             length = dict(scope.get("headers") or []).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-                return await self._refuse(scope, send, 413, f"request body exceeds {MAX_BODY_BYTES} bytes",
+            max_body_bytes = envs.PMOD_MAX_BODY_BYTES
+            if length is not None and length.isdigit() and int(length) > max_body_bytes:
+                return await self._refuse(scope, send, 413, f"request body exceeds {max_body_bytes} bytes",
                                           "RequestEntityTooLarge")
-            receive = self._capped(receive)
+            receive = self._capped(receive, max_body_bytes)
         return await self.app(scope, receive, send)
 
     @staticmethod
-    def _capped(receive):
+    def _capped(receive, max_body_bytes: int):
         seen = 0
 
         async def capped():
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > MAX_BODY_BYTES:
+            if seen > max_body_bytes:
                 # Chunked upload past the cap: stop reading, as a disconnect.
                 return {"type": "http.disconnect"}
             return message
@@ -169,7 +171,7 @@ def _refuse_client_mm_features() -> None:
         return
 
     async def serve_tokens(self, request, raw_request=None):
-        if request.features is not None and os.environ.get(MM_FEATURES_ENV) != "1":
+        if request.features is not None and not envs.PMOD_ALLOW_MM_FEATURES:
             from vllm.exceptions import VLLMValidationError
 
             return self.create_error_response(VLLMValidationError(

@@ -1,4 +1,4 @@
-"""An independent implementation of the p-MoD spec (shared/spec/p-mod.md), for cross-checking.
+"""An independent implementation of the p-MoD spec (docs/p-mod.md), for cross-checking.
 
 Written straight from the spec on top of transformers' own modules (CLIPVisionModel, LlamaDecoderLayer
 pieces, LlamaRMSNorm, LlamaRotaryEmbedding, eager attention with an explicit mask over the kept

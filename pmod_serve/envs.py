@@ -1,0 +1,54 @@
+"""Every `PMOD_*` environment variable pmod-serve reads, in one place (as `vllm.envs` does for
+`VLLM_*`). Values are read when accessed (`pmod_serve.envs.PMOD_MEDIA_MAX_BYTES`), so what
+`pmod-serve` or the plugin sets for the processes it starts is seen there."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_MEDIA_MAX_BYTES = 20 * 1024 * 1024
+
+
+def _int(name: str, default: int | None) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+def _list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+environment_variables: dict[str, Callable[[], Any]] = {
+    # Directory of the Prometheus multiprocess files the engine core writes the pmod_kv_* series
+    # to and the API server reads (set by the plugin when vLLM does not set one).
+    "PMOD_METRICS_DIR": lambda: os.environ.get("PMOD_METRICS_DIR") or None,
+    # The served model's vocabulary size, for sampling-parameter checks in API server processes
+    # (set by the engine when it loads the model).
+    "PMOD_MODEL_VOCAB_SIZE": lambda: (
+        int(os.environ["PMOD_MODEL_VOCAB_SIZE"]) if os.environ.get("PMOD_MODEL_VOCAB_SIZE", "").isdigit() else None
+    ),
+    # Largest request body the API server accepts, in bytes (413 beyond).
+    "PMOD_MAX_BODY_BYTES": lambda: _int("PMOD_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
+    # "1": accept precomputed multimodal features on /inference/v1/generate (refused by default).
+    "PMOD_ALLOW_MM_FEATURES": lambda: os.environ.get("PMOD_ALLOW_MM_FEATURES") == "1",
+    # Hosts, IPs or CIDRs images may be fetched from although not public ("*": any); set by
+    # `pmod-serve --media-allow-host`.
+    "PMOD_MEDIA_ALLOW_HOSTS": lambda: _list("PMOD_MEDIA_ALLOW_HOSTS"),
+    # Size cap per fetched image, in bytes; set by `pmod-serve --media-max-bytes`.
+    "PMOD_MEDIA_MAX_BYTES": lambda: _int("PMOD_MEDIA_MAX_BYTES", DEFAULT_MEDIA_MAX_BYTES),
+    # Show the demo server's log on the terminal (`make demo`).
+    "PMOD_DEMO_VERBOSE": lambda: bool(os.environ.get("PMOD_DEMO_VERBOSE")),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in environment_variables:
+        return environment_variables[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return list(environment_variables)
