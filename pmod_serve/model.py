@@ -37,11 +37,10 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.clip import CLIPVisionModel
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
-from vllm.model_executor.models.llama import LlamaDecoderLayer
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaModel
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, ImageSize, MultiModalDataItems
@@ -344,6 +343,7 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
         if get_pp_group().world_size > 1:
             raise NotImplementedError("p-MoD-LLaVA does not support pipeline parallelism")
         self.config = config
+        self.quant_config = vllm_config.quant_config
         self.routing: PmodRouting | None = None
         self.configure_mm_token_handling(vocab_size=config.vocab_size, mm_token_ids=[config.vocab_size])
 
@@ -416,47 +416,28 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
 
     # -- weights -----------------------------------------------------------------------------
 
-    # Released LLaVA names (spec §3) -> this module's names.
-    _renamed_prefixes = (
-        ("model.vision_tower.vision_tower.", "vision_tower."),
-        ("model.mm_projector.0.", "projector.linear_1."),
-        ("model.mm_projector.2.", "projector.linear_2."),
-        ("model.image_newline", "image_newline"),
-    )
-    _stacked_params = (
-        (".qkv_proj", ".q_proj", "q"),
-        (".qkv_proj", ".k_proj", "k"),
-        (".qkv_proj", ".v_proj", "v"),
-        (".gate_up_proj", ".gate_proj", 0),
-        (".gate_up_proj", ".up_proj", 1),
+    # Released LLaVA names (spec §3) -> this module's names; the decoder's q/k/v and gate/up
+    # projections load into vLLM's fused ones (LLaMA's own mapping), CLIP's through its loader.
+    hf_to_vllm_mapper = (
+        WeightsMapper(
+            orig_to_new_prefix={
+                "model.vision_tower.vision_tower.": "vision_tower.",
+                "model.mm_projector.0.": "projector.linear_1.",
+                "model.mm_projector.2.": "projector.linear_2.",
+                "model.image_newline": "image_newline",
+            }
+        )
+        | LlamaModel.hf_to_vllm_mapper
     )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        vision_weights = []
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or name.endswith(".position_ids"):
-                continue  # stale buffers of old checkpoints
-            for old, new in self._renamed_prefixes:
-                if name.startswith(old):
-                    name = new + name[len(old):]
-                    break
-            if name.startswith("vision_tower.vision_model."):
-                vision_weights.append((name[len("vision_tower.vision_model."):], tensor))
-                continue
-            for fused, part, shard in self._stacked_params:
-                if part in name and name.replace(part, fused) in params:
-                    param = params[name.replace(part, fused)]
-                    param.weight_loader(param, tensor, shard)
-                    loaded.add(name.replace(part, fused))
-                    break
-            else:
-                if name not in params:
-                    raise KeyError(f"p-MoD checkpoint weight {name!r} has no parameter in the model")
-                param = params[name]
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-                loaded.add(name)
-        vision_model = self.vision_tower.vision_model
-        loaded |= {f"vision_tower.vision_model.{n}" for n in vision_model.load_weights(vision_weights)}
+        # Stale buffers of old checkpoints (`rotary_emb.inv_freq` is skipped by the loader itself).
+        loader = AutoWeightsLoader(self, skip_substrs=[".position_ids"])
+        loaded = loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
+        # vLLM's own check counts every linear layer as loaded (quantization may fill it later),
+        # so a checkpoint without, say, a router would start with uninitialised memory.
+        # (Quantized models are left to vLLM: their scales may legitimately come later.)
+        missing = sorted(set(dict(self.named_parameters())) - loaded) if self.quant_config is None else []
+        if missing:
+            raise ValueError(f"p-MoD checkpoint lacks {len(missing)} weight(s) the model needs: {missing[:8]}")
         return loaded
