@@ -20,6 +20,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from PIL import Image
@@ -53,6 +54,7 @@ from vllm.multimodal.processing import (
 )
 from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
+from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from model_registry import resolve_vision_tower
 from pmod_serve.config import PmodSchedule, WeightNorm, kept_target_count
@@ -144,6 +146,17 @@ class PmodMultiModalProcessor(BaseMultiModalProcessor[PmodProcessingInfo]):
             )
 
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=visual_tokens)]
+
+
+class PmodImagePixelInputs(TensorSchema):
+    """What the processor hands the model per batch of images.
+
+    Dimensions: bn = images in the batch, nc = CLIP crops of an image (1, or 1 + tiles for
+    anyres; differs per image, so the crops come as a list), h = w = the CLIP crop side."""
+
+    pixel_values: Annotated[torch.Tensor | list[torch.Tensor], TensorShape("bn", "nc", 3, "h", "w", dynamic_dims={"nc"})]
+    # (width, height) of each original image, as PIL gives it.
+    image_sizes: Annotated[torch.Tensor, TensorShape("bn", 2)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,13 +398,17 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
         pixel_values = kwargs.get("pixel_values")
         if pixel_values is None:
             return []
-        image_sizes = kwargs["image_sizes"]
-        crops_per_image = [len(crops) for crops in pixel_values]
-        crops = torch.cat(list(pixel_values)).to(self.vision_tower.dtype)
+        images = PmodImagePixelInputs(
+            pixel_values=pixel_values,
+            image_sizes=kwargs.get("image_sizes"),
+            resolve_bindings={"h": self.layout.crop_size, "w": self.layout.crop_size},
+        )
+        crops_per_image = [len(crops) for crops in images.pixel_values]
+        crops = torch.cat(list(images.pixel_values)).to(self.vision_tower.dtype)
         # Layer -2 of CLIP without its CLS token, then the projector.
         features = self.projector(self.vision_tower(crops)[:, 1:])
         embeddings = []
-        for image_features, (width, height) in zip(features.split(crops_per_image), image_sizes.tolist()):
+        for image_features, (width, height) in zip(features.split(crops_per_image), images.image_sizes.tolist()):
             embeddings.append(merge_image_features(image_features, width, height, self.layout, self.image_newline))
         return embeddings
 
