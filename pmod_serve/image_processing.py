@@ -127,6 +127,19 @@ class ImageLayout:
                     "supported (the released p-MoD code only implements 'spatial_unpad')"
                 )
 
+    @classmethod
+    def of_checkpoint(cls, config: Any, checkpoint_dir: str | Any) -> ImageLayout:
+        """The layout of a checkpoint: its config (dict or HF config) with its CLIP tower's
+        preprocessor and vision configs (`mm_vision_tower`, resolved as the model registry does)."""
+        from model_registry.vision_tower import (
+            load_preprocessor_config,
+            load_vision_config,
+            resolve_vision_tower,
+        )
+
+        tower_dir = resolve_vision_tower(_getter(config)("mm_vision_tower"), checkpoint_dir)
+        return cls.from_config(config, load_preprocessor_config(tower_dir), load_vision_config(tower_dir))
+
     @property
     def is_anyres(self) -> bool:
         return self.image_aspect_ratio == "anyres"

@@ -17,9 +17,7 @@ from typing import Any
 import numpy as np
 
 from pmod_serve.config import PmodSchedule, kept_target_count
-
-# Each image's base (global) view comes first in the anyres layout: 24 x 24 CLIP features.
-BASE_IMAGE_TOKENS = 576
+from pmod_serve.image_processing import ImageLayout
 
 
 @dataclass(frozen=True)
@@ -28,13 +26,16 @@ class TargetPolicy:
 
     target_token_type: str
     anyres: bool
+    # Tokens of an anyres image's base (global) view, which comes first: one CLIP crop's features.
+    base_image_tokens: int
 
     @classmethod
-    def from_config(cls, hf_config: Any) -> TargetPolicy:
+    def from_config(cls, hf_config: Any, layout: ImageLayout) -> TargetPolicy:
         schedule = PmodSchedule.from_config(hf_config)
         return cls(
             target_token_type=schedule.target_token_type,
-            anyres=getattr(hf_config, "image_aspect_ratio", None) == "anyres",
+            anyres=layout.is_anyres,
+            base_image_tokens=layout.tokens_per_crop,
         )
 
     def request_targets(
@@ -49,7 +50,7 @@ class TargetPolicy:
         skip_base = self.target_token_type == "vision_hr" and self.anyres
         ranges = []
         for offset, length in sorted(image_spans):
-            start = offset + BASE_IMAGE_TOKENS if skip_base else offset
+            start = offset + self.base_image_tokens if skip_base else offset
             if start < offset + length:
                 ranges.append((start, offset + length))
         return RequestTargets(tuple(ranges))

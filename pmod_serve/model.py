@@ -16,10 +16,8 @@ Reads top-down:
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
-from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -60,7 +58,7 @@ from model_registry import resolve_vision_tower
 from pmod_serve.config import PmodSchedule, WeightNorm, kept_target_count
 from pmod_serve.image_processing import ImageLayout, merge_image_features, num_visual_tokens, preprocess
 from pmod_serve.prompt import IMAGE_MARKER
-from pmod_serve.runner import PmodRouting
+from pmod_serve.routing import PmodRouting
 
 # ---------------------------------------------------------------------------------------------
 # 1. Multimodal processing
@@ -72,14 +70,8 @@ class PmodProcessingInfo(BaseProcessingInfo):
         return {"image": None}
 
     @cached_property
-    def vision_tower_dir(self) -> Path:
-        return resolve_vision_tower(self.get_hf_config().mm_vision_tower, self.ctx.model_config.model)
-
-    @cached_property
     def image_layout(self) -> ImageLayout:
-        preprocessor = json.loads((self.vision_tower_dir / "preprocessor_config.json").read_text())
-        vision_config = CLIPVisionConfig.from_pretrained(self.vision_tower_dir)
-        return ImageLayout.from_config(self.get_hf_config(), preprocessor, vision_config)
+        return ImageLayout.of_checkpoint(self.get_hf_config(), self.ctx.model_config.model)
 
     @property
     def image_token_id(self) -> int:
@@ -362,9 +354,7 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
 
         vision_dir = resolve_vision_tower(config.mm_vision_tower, vllm_config.model_config.model)
         vision_config = CLIPVisionConfig.from_pretrained(vision_dir)
-        self.layout = ImageLayout.from_config(
-            config, json.loads((vision_dir / "preprocessor_config.json").read_text()), vision_config
-        )
+        self.layout = ImageLayout.of_checkpoint(config, vllm_config.model_config.model)
         if config.mm_vision_select_feature != "patch":
             raise ValueError(f"mm_vision_select_feature={config.mm_vision_select_feature!r} is not supported")
         # hidden_states[select_layer] of HF CLIP = the output of that many encoder layers.

@@ -46,7 +46,6 @@ from model_registry import (
     CheckpointError,
     Problem,
     check_checkpoint,
-    load_preprocessor_config,
     load_state_dict,
     load_vision_config,
     resolve_vision_tower,
@@ -643,9 +642,7 @@ class PmodReference:
         vision_dir = resolve_vision_tower(self.config["mm_vision_tower"], self.checkpoint_dir)
         vision_config = load_vision_config(vision_dir)
         self.vision_config = ClipVisionConfig.from_dict(vision_config)
-        self.layout = ImageLayout.from_config(
-            self.config, load_preprocessor_config(vision_dir), vision_config
-        )
+        self.layout = ImageLayout.of_checkpoint(self.config, self.checkpoint_dir)
         # tokenizer.model with the legacy / add_prefix_space settings of tokenizer_config.json
         self.tokenizer = PromptTokenizer.from_checkpoint(self.checkpoint_dir)
         # Placeholder id of a visual token in prompt_token_ids: the config's image_token_index if it

@@ -47,27 +47,16 @@ from vllm.v1.utils import CpuGpuBuffer
 
 from pmod_serve.block_table import PmodBlockTable
 from pmod_serve.config import PmodSchedule
+from pmod_serve.image_processing import ImageLayout
 from pmod_serve.kv_layout import RequestKVLayout, TargetPolicy, span_split_error
 from pmod_serve.kv_manager import PmodAttentionSpec, register_kv_cache_spec
+from pmod_serve.routing import PmodRouting
 
 # vLLM's block id 0 is the pool's null block: padded rows of a CUDA-graph batch point there.
 NULL_BLOCK_ID = 0
 
 # Steps of at most this many tokens get their slot mappings from the host (see _pmod_slot_mapping).
 HOST_SLOT_MAPPING_MAX_TOKENS = 512
-
-
-@dataclass
-class PmodRouting:
-    """The target tokens of one step, for the model's p-MoD layers.
-
-    `target_index` holds batch indices of target tokens, request after request, in position
-    order; `segments[i]` is the `[start, end)` slice of `target_index` of the i-th routed
-    request (top-k is taken per request).
-    """
-
-    target_index: torch.Tensor
-    segments: list[tuple[int, int]]
 
 
 @dataclass
@@ -277,7 +266,9 @@ class PmodRunnerMixin:
         layout = self._pmod_layouts.get(req_id)
         if layout is None:
             if self._pmod_policy is None:
-                self._pmod_policy = TargetPolicy.from_config(self.model_config.hf_config)
+                hf_config = self.model_config.hf_config
+                layout = ImageLayout.of_checkpoint(hf_config, self.model_config.model)
+                self._pmod_policy = TargetPolicy.from_config(hf_config, layout)
             state = self.requests[req_id]
             targets = self._pmod_policy.targets_of(state.mm_features, state.num_prompt_tokens)
             spec = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec

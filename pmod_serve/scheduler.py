@@ -13,6 +13,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
+from pmod_serve.image_processing import ImageLayout
 from pmod_serve.kv_accounting import kv_usage, request_kv
 from pmod_serve.kv_layout import RequestTargets, TargetPolicy
 from pmod_serve.kv_manager import PmodAttentionManager
@@ -25,7 +26,9 @@ USAGE_PUBLISH_INTERVAL = 0.05
 class PmodSchedulerMixin:
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.target_policy = TargetPolicy.from_config(self.vllm_config.model_config.hf_config)
+        model_config = self.vllm_config.model_config
+        layout = ImageLayout.of_checkpoint(model_config.hf_config, model_config.model)
+        self.target_policy = TargetPolicy.from_config(model_config.hf_config, layout)
         self.request_targets: dict[str, RequestTargets] = {}
         managers = self.kv_cache_manager.coordinator.single_type_managers
         if len(managers) != 1 or not isinstance(managers[0], PmodAttentionManager):
