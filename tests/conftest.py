@@ -47,6 +47,19 @@ VICUNA_SYSTEM = (
 )
 
 
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread: the reference's models are tiny, and two OpenMP threads on a busy
+    2-core machine spin against other processes (10x slower). Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 def vicuna_prompt(question: str, num_images: int) -> str:
     """The released single-turn vicuna_v1 prompt, images first."""
     images = "<image>\n" * num_images

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from independent_impl import IndependentPmod, sample_image, vicuna_prompt
 
 from model_registry.tiny import build_tiny_checkpoint
@@ -39,13 +38,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Two OpenMP threads on a busy 2-core machine spin against other processes (10x slower).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

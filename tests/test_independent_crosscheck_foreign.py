@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 from independent_impl import make_foreign_checkpoint
-from test_independent_crosscheck import CASES, assert_same_generation, single_thread  # noqa: F401
+from test_independent_crosscheck import CASES, assert_same_generation
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 pytest.importorskip("pmod_serve.reference")
 

@@ -23,13 +23,7 @@ from model_registry.tiny import build_tiny_checkpoint
 QUESTION = "What is in the image?"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Two OpenMP threads on a busy 2-core machine spin against other processes (10x slower).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="session")

@@ -22,13 +22,7 @@ from model_registry.vision_tower import load_vision_config, resolve_vision_tower
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Two OpenMP threads on a busy 2-core machine spin against other processes (10x slower).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="session")

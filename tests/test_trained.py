@@ -24,15 +24,7 @@ MAX_NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def reference(one_thread):
+def reference(single_thread):
     from pmod_serve.reference import PmodReference
 
     return PmodReference(PMOD_CHECKPOINT)
@@ -59,7 +51,7 @@ def served(heldout, llm_trained):
     return llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS))
 
 
-def test_training_steps_reduce_the_loss_deterministically(tmp_path: Path, one_thread):
+def test_training_steps_reduce_the_loss_deterministically(tmp_path: Path, single_thread):
     from pmod_train.checkpoint import build_initial_checkpoint
 
     init = build_initial_checkpoint(tmp_path / "init", dense=False, seed=0)
