@@ -20,6 +20,7 @@ import ast
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -128,7 +129,7 @@ class ImageLayout:
                 )
 
     @classmethod
-    def of_checkpoint(cls, config: Any, checkpoint_dir: str | Any) -> ImageLayout:
+    def of_checkpoint(cls, config: Any, checkpoint_dir: str | Path) -> ImageLayout:
         """The layout of a checkpoint: its config (dict or HF config) with its CLIP tower's
         preprocessor and vision configs (`mm_vision_tower`, resolved as the model registry does)."""
         from model_registry.vision_tower import (

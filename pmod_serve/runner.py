@@ -47,7 +47,6 @@ from vllm.v1.utils import CpuGpuBuffer
 
 from pmod_serve.block_table import PmodBlockTable
 from pmod_serve.config import PmodSchedule
-from pmod_serve.image_processing import ImageLayout
 from pmod_serve.kv_layout import RequestKVLayout, TargetPolicy, span_split_error
 from pmod_serve.kv_manager import PmodAttentionSpec, register_kv_cache_spec
 from pmod_serve.routing import PmodRouting
@@ -131,6 +130,8 @@ class PmodStack:
             builder_cls(builder_spec, [self.layer_names[layer] for layer in layers], runner.vllm_config, device)
             for layers in self.class_layers
         ]
+        # FlashAttention's per-class AOT scheduler metadata, stacked (see below); None otherwise.
+        self.scheduler_metadata: torch.Tensor | None = None
         self.shared_builds = self._stack_persistent_builder_state(runner)
         self._request_views: dict[int, tuple[list[tuple], list[torch.Tensor]]] = {}
         self._slot_views: dict[tuple[int, ...], list[torch.Tensor]] = {}
@@ -148,7 +149,6 @@ class PmodStack:
             return False
         buffers = [getattr(builder, "scheduler_metadata", None) for builder in self.builders]
         if any(buffer is None for buffer in buffers):
-            self.scheduler_metadata = None
             return not any(buffer is not None for buffer in buffers)
         self.scheduler_metadata = torch.stack(buffers)
         for builder, row in zip(self.builders, self.scheduler_metadata):
@@ -158,7 +158,7 @@ class PmodStack:
     def share_class_build(self) -> None:
         """After a build of class 0 that stands for every class: the other classes' persistent
         builder state (read by full CUDA graphs) takes its values."""
-        stacked = getattr(self, "scheduler_metadata", None)
+        stacked = self.scheduler_metadata
         if stacked is not None:
             stacked[1:].copy_(stacked[0].expand_as(stacked[1:]))
 
@@ -266,9 +266,9 @@ class PmodRunnerMixin:
         layout = self._pmod_layouts.get(req_id)
         if layout is None:
             if self._pmod_policy is None:
-                hf_config = self.model_config.hf_config
-                layout = ImageLayout.of_checkpoint(hf_config, self.model_config.model)
-                self._pmod_policy = TargetPolicy.from_config(hf_config, layout)
+                # The model read its image layout when it was built.
+                layout = self._pmod_model().layout
+                self._pmod_policy = TargetPolicy.from_config(self.model_config.hf_config, layout)
             state = self.requests[req_id]
             targets = self._pmod_policy.targets_of(state.mm_features, state.num_prompt_tokens)
             spec = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec
