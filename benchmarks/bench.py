@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench --engine pmod|baseline --models DIR --out FILE.json [--tiny]
 
-Both engines: load_format="dummy", the same dtype, gpu_memory_utilization, block size,
+Both engines: load_format="dummy" (unless --load-format), the same dtype, gpu_memory_utilization, block size,
 max_model_len, max_num_seqs, max_num_batched_tokens and attention backend. Everything else is
 vLLM's default for the model: the baseline keeps torch.compile, FULL_AND_PIECEWISE CUDA graphs,
 prefix caching and chunked multimodal input; p-MoD gets what pmod_serve.engine_config sets
@@ -39,6 +39,20 @@ MIXED_SIZES = [(672, 672), (336, 672), (1008, 336), (400, 300), (640, 480), (800
 OUTPUT_TOKENS = 128
 
 _seed = itertools.count(1000)
+QUALITY_TOKENS = 16
+QUALITY_SEED = 500
+
+
+def quality_requests(num_prompts: int) -> list[dict]:
+    """Fixed prompts for quality comparisons: images of every mixed size, and one text-only."""
+    questions = ["What is shown in this image?", "Describe the colours in the picture.",
+                 "How many objects are there?", "Where is the largest shape?"]
+    requests = [{"prompt": vicuna_prompt("Tell me about cats and dogs.", 0)}]
+    for i in range(num_prompts - 1):
+        size = MIXED_SIZES[i % len(MIXED_SIZES)]
+        requests.append({"prompt": vicuna_prompt(questions[i % len(questions)], 1),
+                         "multi_modal_data": {"image": make_image(*size, QUALITY_SEED + i)}})
+    return requests
 
 
 def tokens_label(max_tokens: int) -> str:
@@ -48,7 +62,7 @@ def tokens_label(max_tokens: int) -> str:
 def engine_kwargs(args) -> dict:
     kwargs = dict(
         model=str(args.model_dir),
-        load_format="dummy",
+        load_format=args.load_format,
         dtype=args.dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,
         block_size=args.block_size,
@@ -61,6 +75,13 @@ def engine_kwargs(args) -> dict:
     )
     if args.attention_backend:
         kwargs["attention_backend"] = args.attention_backend
+    # Production configurations (issue 15): each is one vLLM flag.
+    if args.tensor_parallel_size != 1:
+        kwargs["tensor_parallel_size"] = args.tensor_parallel_size
+    if args.kv_cache_dtype != "auto":
+        kwargs["kv_cache_dtype"] = args.kv_cache_dtype
+    if args.quantization:
+        kwargs["quantization"] = args.quantization
     if args.enforce_eager:
         kwargs["enforce_eager"] = True
     if args.tiny:
@@ -222,6 +243,33 @@ class Bench:
                 "ttft_s_median": median(ttfts), "prompt_tokens": len(outputs[0].prompt_token_ids),
                 "output_tokens": OUTPUT_TOKENS}
 
+    def quality(self, num_prompts: int, max_tokens: int = QUALITY_TOKENS):
+        """Greedy tokens and top-5 log-probs of fixed prompts (the same images and questions for
+        every engine configuration), for benchmarks.gpu_configs.compare_quality."""
+        from vllm import SamplingParams
+
+        outputs = self.llm.generate(quality_requests(num_prompts),
+                                    SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=5),
+                                    use_tqdm=False)
+        return {"prompts": [
+            {"prompt_tokens": len(out.prompt_token_ids), "tokens": list(out.outputs[0].token_ids),
+             "top_logprobs": [{str(t): float(lp.logprob) for t, lp in position.items()}
+                              for position in out.outputs[0].logprobs]}
+            for out in outputs]}
+
+    def chat(self):
+        """One OpenAI-style image chat through vLLM's chat path (template, image_url, detokenised)."""
+        image = make_image(640, 480, QUALITY_SEED)
+        messages = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": common.data_url(image)}},
+            {"type": "text", "text": "What is shown in this image?"}]}]
+        from vllm import SamplingParams
+
+        out = self.llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=32), use_tqdm=False,
+                            chat_template=common.CHAT_TEMPLATE.read_text())[0]
+        return {"prompt_tokens": len(out.prompt_token_ids), "text": out.outputs[0].text,
+                "output_tokens": len(out.outputs[0].token_ids), "finish_reason": out.outputs[0].finish_reason}
+
     def host_profile(self, out_prefix: Path, batch=32):
         """cProfile (engine-core thread) of decoding: one text request, one image request, and
         `batch` image requests; what the host does per step, by function."""
@@ -261,6 +309,7 @@ def main() -> None:
                         help="SentencePiece model used to cut the 60-token question (the same for both engines)")
     parser.add_argument("--tiny", action="store_true", help="CPU dry run: small batches")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--load-format", default="dummy", help="'auto' for a checkpoint with real weights")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=4096)
@@ -272,6 +321,10 @@ def main() -> None:
     parser.add_argument("--phases", default="all")
     parser.add_argument("--no-torch-profiler", action="store_true")
     parser.add_argument("--time-budget-s", type=float, default=None, help="skip the phases that would start later")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--quantization", default=None)
+    parser.add_argument("--quality-prompts", type=int, default=12)
     args = parser.parse_args()
 
     import torch
@@ -325,6 +378,8 @@ def main() -> None:
         ("host_profile", lambda: bench.host_profile(args.out, batch=4 if tiny else 32)),
         ("decode_bs128", lambda: bench.decode(8 if tiny else 128)),
         ("throughput", lambda: bench.throughput(8 if tiny else args.num_requests)),
+        ("quality", lambda: bench.quality(args.quality_prompts)),
+        ("chat", lambda: bench.chat()),
     ]
     wanted = None if args.phases == "all" else set(args.phases.split(","))
     try:

@@ -57,8 +57,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchmarks.common import CHAT_TEMPLATE
+
 REPO = Path(__file__).resolve().parents[1]
-CHAT_TEMPLATE = REPO / "model_registry" / "templates" / "vicuna_v1.jinja"
 
 # run name -> (dataset, concurrency, prompt-count flag, seed)
 RUNS = {
@@ -160,6 +161,72 @@ def scrape(base_url: str, timeout: float = 5.0) -> dict[str, float]:
     return samples
 
 
+def scrape_per_engine(base_url: str, names: tuple[str, ...], timeout: float = 5.0) -> dict[str, dict[str, float]]:
+    """The named series per `engine` label ({engine: {name: value}}): with
+    --data-parallel-size N, each engine core has its own block pool and its own series."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout) as response:
+        return series_per_engine(response.read().decode(), names)
+
+
+def series_per_engine(text: str, names: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line.strip())
+        if not match or match.group(1) not in names:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+        engine = out.setdefault(labels.get("engine", ""), {})
+        engine[match.group(1)] = engine.get(match.group(1), 0.0) + float(match.group(3))
+    return out
+
+
+# Blocks the p-MoD metrics report against the pool vLLM reports, per engine core.
+BLOCK_SERIES = ("pmod_kv_blocks_in_use", "vllm:kv_cache_usage_perc", "vllm:num_requests_running")
+
+
+def kv_metrics_agreement(samples: list[dict[str, dict[str, float]]], num_gpu_blocks_total: int) -> dict:
+    """Per engine: how far `pmod_kv_blocks_in_use` is from the blocks vLLM's own gauge says are
+    in use: `kv_cache_usage_perc` x (blocks per engine - 1) (BlockPool.get_usage leaves out the
+    null block). `vllm:cache_config_info` reports num_gpu_blocks summed over the data-parallel
+    engines (core_client adds every engine's), and the engines' pools are equal. The two
+    series are scraped together but refreshed by different processes at step granularity, so
+    mid-run they may differ by one step's allocations."""
+    engines = sorted({engine for sample in samples for engine, series in sample.items()
+                      if "vllm:kv_cache_usage_perc" in series})
+    report: dict[str, dict] = {}
+    if not engines:
+        return report
+    usable = num_gpu_blocks_total // len(engines) - 1
+    for engine in engines:
+        diffs, busy, peak_pmod, peak_pool = [], 0, 0.0, 0.0
+        for sample in samples:
+            series = sample.get(engine, {})
+            if "pmod_kv_blocks_in_use" not in series or "vllm:kv_cache_usage_perc" not in series:
+                continue
+            pool_used = series["vllm:kv_cache_usage_perc"] * usable
+            diffs.append(abs(series["pmod_kv_blocks_in_use"] - pool_used) / usable)
+            busy += series.get("vllm:num_requests_running", 0) > 0
+            peak_pmod, peak_pool = max(peak_pmod, series["pmod_kv_blocks_in_use"]), max(peak_pool, pool_used)
+        diffs.sort()
+        report[engine] = {"num_gpu_blocks": usable + 1, "samples": len(diffs), "busy_samples": busy,
+                          "max_abs_diff_fraction_of_pool": diffs[-1] if diffs else None,
+                          "median_abs_diff_fraction_of_pool": diffs[len(diffs) // 2] if diffs else None,
+                          "peak_blocks_in_use": peak_pmod, "peak_pool_blocks_in_use": round(peak_pool, 1)}
+    return report
+
+
+def kv_metrics_agree(report: dict, num_engines: int, median_tolerance: float = 0.01,
+                     peak_tolerance: float = 0.05) -> bool:
+    """Every engine served requests and its p-MoD series tracks its own pool: the typical
+    sample within `median_tolerance` of the pool, and the peaks within `peak_tolerance` of each
+    other (a label shared by engines, or one engine's series showing the sum, fails both)."""
+    return len(report) == num_engines and all(
+        e["busy_samples"] > 0 and e["peak_pool_blocks_in_use"] > 0
+        and e["median_abs_diff_fraction_of_pool"] <= median_tolerance
+        and abs(e["peak_blocks_in_use"] - e["peak_pool_blocks_in_use"]) <= peak_tolerance * e["peak_pool_blocks_in_use"]
+        for e in report.values())
+
+
 def cache_config_labels(base_url: str) -> dict[str, str]:
     """Labels of vllm:cache_config_info (num_gpu_blocks, block_size, ...), if exported."""
     try:
@@ -182,6 +249,7 @@ class MetricsPoller:
         self.peak_kv_usage = None
         self.peak_running = None
         self.samples = 0
+        self.per_engine: list[dict[str, dict[str, float]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -198,6 +266,11 @@ class MetricsPoller:
                 self.peak_kv_usage = max(usage, self.peak_kv_usage or 0.0)
             if running is not None:
                 self.peak_running = max(running, self.peak_running or 0.0)
+            if "pmod_kv_blocks_in_use" in metrics:
+                try:
+                    self.per_engine.append(scrape_per_engine(self.base_url, BLOCK_SERIES, timeout=2))
+                except Exception:
+                    pass
 
     def __enter__(self):
         if self.interval_s > 0:
@@ -336,6 +409,10 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
     entry: dict = {"wall_s": time.monotonic() - started, "returncode": process.returncode,
                    "peak_kv_cache_usage": poller.peak_kv_usage, "peak_running": poller.peak_running,
                    "metrics_samples": poller.samples}
+    if poller.per_engine:
+        blocks = cache_config_labels(base_url).get("num_gpu_blocks", "")
+        if blocks.isdigit():
+            entry["kv_metrics_per_engine"] = kv_metrics_agreement(poller.per_engine, int(blocks))
     try:
         after = scrape(base_url)
         for key in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total"):

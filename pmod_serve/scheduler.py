@@ -40,7 +40,10 @@ class PmodSchedulerMixin:
         served_name = self.vllm_config.model_config.served_model_name
         self.pmod_metrics = KVMetricsWriter(
             model_name=served_name[0] if isinstance(served_name, list) else served_name,
-            engine_index=self.vllm_config.parallel_config.data_parallel_rank,
+            # The engine's index among data-parallel engines, as vLLM labels its own series:
+            # for a dense model vLLM resets data_parallel_rank to 0 in every engine core
+            # (its ranks are independent) and keeps the index in data_parallel_index.
+            engine_index=self.vllm_config.parallel_config.data_parallel_index,
         )
         self.pmod_metrics.initialise()
         # Requests with images whose prefill has not been counted in the metrics yet.

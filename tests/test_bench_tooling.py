@@ -95,3 +95,60 @@ def test_ratios_and_merge(tmp_path: Path) -> None:
     assert r["throughput_c256"] == 2.0 and r["kv_per_request"] == 0.5
     assert merged["command"] == "cmd pmod ; cmd baseline"
     assert json.loads((tmp_path / "out" / "e2e_serve.json").read_text())["ratios"] == r
+
+
+def test_kv_metrics_agreement_per_engine() -> None:
+    from benchmarks.e2e_serve import BLOCK_SERIES, kv_metrics_agree, kv_metrics_agreement, series_per_engine
+
+    text = "\n".join([
+        '# HELP pmod_kv_blocks_in_use KV cache blocks held by running requests, summed over layers.',
+        'pmod_kv_blocks_in_use{engine="0",model_name="m"} 100.0',
+        'pmod_kv_blocks_in_use{engine="1",model_name="m"} 50.0',
+        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.1',
+        'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.1',
+        'vllm:num_requests_running{engine="0",model_name="m"} 3.0',
+        'vllm:num_requests_running{engine="1",model_name="m"} 1.0',
+    ])
+    sample = series_per_engine(text, BLOCK_SERIES)
+    assert sample == {"0": {"pmod_kv_blocks_in_use": 100.0, "vllm:kv_cache_usage_perc": 0.1,
+                            "vllm:num_requests_running": 3.0},
+                      "1": {"pmod_kv_blocks_in_use": 50.0, "vllm:kv_cache_usage_perc": 0.1,
+                            "vllm:num_requests_running": 1.0}}
+    # cache_config_info's num_gpu_blocks is the sum over the engines: 1001 blocks each.
+    report = kv_metrics_agreement([sample], 2002)
+    # Engine 0: 100 blocks = 10% of 1000 usable; engine 1 reports half of what its pool holds.
+    assert report["0"]["max_abs_diff_fraction_of_pool"] == 0.0
+    assert abs(report["1"]["max_abs_diff_fraction_of_pool"] - 0.05) < 1e-12
+    assert report["0"]["busy_samples"] == 1
+    assert not kv_metrics_agree(report, num_engines=2)
+    one_label = {"0": sample["0"]}
+    assert kv_metrics_agree(kv_metrics_agreement([one_label], 1001), num_engines=1)
+    assert not kv_metrics_agree(kv_metrics_agreement([one_label], 1001), num_engines=2)
+
+
+def test_quality_policy_allows_only_near_tie_flips() -> None:
+    from benchmarks.gpu_configs import compare_quality
+
+    def run(tokens, tops):
+        return {"prompts": [{"tokens": tokens, "top_logprobs": tops}]}
+
+    base = run([1, 2, 3], [{"1": -0.1, "5": -2.5}, {"2": -0.70, "4": -0.75}, {"3": -0.2}])
+    # Same tokens, log-probs within 0.3 nats.
+    close = run([1, 2, 3], [{"1": -0.15, "5": -2.2}, {"2": -0.71, "4": -0.74}, {"3": -0.25}])
+    result = compare_quality(base, close, tie_margin=0.1, max_logprob_error=0.5)
+    assert result["passed"] and result["all_tokens_equal"] and result["greedy_agreement"] == 1.0
+    assert abs(result["max_logprob_error_nats"] - 0.3) < 1e-9
+    assert not compare_quality(base, close, tie_margin=0.1, max_logprob_error=0.25)["passed"]
+
+    # A flip at position 1 where the base run nearly ties (0.05 nats): allowed; later positions
+    # (different contexts) are not compared.
+    near_tie = run([1, 4, 9], [{"1": -0.1, "5": -2.5}, {"4": -0.69, "2": -0.72}, {"9": -5.0}])
+    result = compare_quality(base, near_tie, tie_margin=0.1, max_logprob_error=0.5)
+    assert result["passed"] and abs(result["greedy_agreement"] - 1 / 3) < 1e-9
+    assert abs(result["max_regret_nats"] - 0.05) < 1e-9
+
+    # A flip to a token the base run ranks far lower, or outside its top-5: a violation.
+    far = run([5, 2, 3], [{"5": -0.1, "1": -2.0}, {"2": -0.7}, {"3": -0.2}])
+    assert not compare_quality(base, far, tie_margin=0.5, max_logprob_error=1.0)["passed"]
+    outside = run([7, 2, 3], [{"7": -0.1}, {"2": -0.7}, {"3": -0.2}])
+    assert compare_quality(base, outside, tie_margin=0.5, max_logprob_error=1.0)["max_regret_nats"] == float("inf")

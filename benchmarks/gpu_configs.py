@@ -1,0 +1,341 @@
+"""Production GPU configurations (issue 15): tensor parallel, data parallel, FP8 KV cache, FP8
+weights, each one vLLM flag, measured against the plain configurations on the same machine.
+
+One section per device call (each fits a call's time limit); `--merge` makes
+benchmarks/results/gpu_configs.json from the sections' files:
+
+    python -m benchmarks.gpu_configs --models .gpu/models --out DIR --sections tiny_tp,dp2 \\
+        [--one-gpu e2e_serve.json]           # data parallel against a one-GPU run of the same session
+    python -m benchmarks.gpu_configs --models .gpu/models --out DIR --sections tp2
+    python -m benchmarks.gpu_configs --models .gpu/models --out DIR --sections fp8,tiny_quality
+    python -m benchmarks.gpu_configs --merge DIR... --out benchmarks/results/gpu_configs.json
+
+Sections (every engine is a fresh process: `benchmarks.bench`, `benchmarks.exact` or a server):
+- tiny_tp: the tiny random-weight checkpoint in float32 (Triton attention with IEEE float32
+  dots, torch.compile + CUDA graphs) at TP=1 and TP=2, each against the float32 reference;
+  `tokens_equal_tp1` compares the two engines' tokens directly.
+- tp2: p-MoD-LLaVA-NeXT-7B dims and vLLM's LLaVA-NeXT-7B, dummy weights, bf16, both at TP=2:
+  KV bytes per request per rank, requests/s on 256 mixed-size image requests, and p-MoD's
+  greedy tokens for the quality prompts (compared with the TP=1 run of the fp8 section).
+- dp2: `pmod-serve --data-parallel-size 2` driven by `vllm bench serve` (256 image prompts,
+  concurrency 256) against the one-GPU pmod-serve of the same session; `/metrics` polled per
+  `engine` label, `pmod_kv_blocks_in_use` against each engine's block pool as vLLM reports it.
+- fp8: full size, TP=1, eager (what is compared is the numbers, not the speed): p-MoD bf16 (the
+  quality base), p-MoD with `--kv-cache-dtype fp8`, p-MoD with `--quantization fp8` (also an image
+  chat through vLLM's chat path), vLLM's LLaVA-NeXT bf16 (the KV base).
+- tiny_quality: the trained tiny checkpoint (real weights: quality differences mean something),
+  bf16 against fp8 KV and fp8 weights.
+
+Quality policy (stated before measuring; `compare_quality`). Each prompt's greedy tokens are
+compared with the base run's position by position up to the first difference, where both runs
+saw the same context, so their log-probs are directly comparable:
+- a difference in tokens is allowed only where the base run itself nearly ties: the base run's
+  log-prob of its own token exceeds its log-prob of the other run's token by at most `tie_margin`;
+- over those positions, the largest |log-prob difference| of the tokens in both runs' top-5 is at
+  most `max_logprob_error`.
+TP=2 against TP=1 (bf16): tie_margin 0.1 nats, max_logprob_error 0.25 nats, the bf16 policy of
+the GPU exactness check (benchmarks/README.md). FP8 (KV or weights) against bf16: tie_margin 0.5,
+max_logprob_error 1.0 (e4m3 keeps 3 mantissa bits, 16 times coarser than bf16's 7). Greedy agreement
+(the share of generated tokens before the first difference) is reported too. With dummy weights,
+every next-token distribution is nearly flat: tokens differ at near ties early, and the policy is
+mostly a log-prob check there; the trained tiny checkpoint is where agreement is meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import write_json
+from benchmarks.e2e_serve import gpu_name, kv_metrics_agree
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("tiny_tp", "dp2", "tp2", "fp8", "tiny_quality")
+TRAINED_TINY = REPO / "pmod_train" / "checkpoints" / "shapes-pmod"
+POLICIES = {
+    "bf16": {"tie_margin": 0.1, "max_logprob_error": 0.25},
+    "fp8": {"tie_margin": 0.5, "max_logprob_error": 1.0},
+}
+
+
+def _log(message: str) -> None:
+    print(f"[gpu_configs {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Quality policy
+# ------------------------------------------------------------------------------------------------
+
+
+def compare_quality(base: dict, other: dict, tie_margin: float, max_logprob_error: float) -> dict:
+    """`base`/`other`: the `quality` phase of benchmarks.bench (same prompts, same order)."""
+    prompts = list(zip(base["prompts"], other["prompts"], strict=True))
+    worst_error, worst_regret, agreement, violations = 0.0, 0.0, [], []
+    for index, (b, o) in enumerate(prompts):
+        length = min(len(b["tokens"]), len(o["tokens"]))
+        first_diff = next((i for i in range(length) if b["tokens"][i] != o["tokens"][i]), length)
+        agreement.append(first_diff / max(1, len(b["tokens"])))
+        for position in range(min(first_diff + 1, length)):
+            b_top, o_top = b["top_logprobs"][position], o["top_logprobs"][position]
+            shared = set(b_top) & set(o_top)
+            error = max((abs(b_top[t] - o_top[t]) for t in shared), default=0.0)
+            worst_error = max(worst_error, error)
+            if error > max_logprob_error:
+                violations.append({"prompt": index, "position": position, "logprob_error": error})
+        if first_diff < length:
+            b_top = b["top_logprobs"][first_diff]
+            own, theirs = str(b["tokens"][first_diff]), str(o["tokens"][first_diff])
+            # Outside the base run's top-5, the other token is no near tie.
+            regret = b_top[own] - b_top[theirs] if theirs in b_top else math.inf
+            worst_regret = max(worst_regret, regret)
+            if regret > tie_margin:
+                violations.append({"prompt": index, "position": first_diff, "regret": regret})
+    return {"prompts": len(prompts), "greedy_agreement": sum(agreement) / len(agreement),
+            "all_tokens_equal": all(b["tokens"] == o["tokens"] for b, o in prompts),
+            "max_logprob_error_nats": worst_error, "max_regret_nats": worst_regret,
+            "policy": {"tie_margin": tie_margin, "max_logprob_error": max_logprob_error},
+            "violations": violations[:20], "passed": not violations}
+
+
+# ------------------------------------------------------------------------------------------------
+# Engine runs (one process each)
+# ------------------------------------------------------------------------------------------------
+
+
+def _run(cmd: list[str], log: Path, timeout_s: float, env: dict | None = None) -> int:
+    _log(f"$ {shlex.join(cmd)}")
+    with open(log, "w") as out:
+        try:
+            return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=REPO,
+                                  env={**os.environ, **(env or {})}).returncode
+        except subprocess.TimeoutExpired:
+            return -9
+
+
+def bench(out: Path, name: str, engine: str, model_dir: Path, tokenizer: Path, phases: str, *flags: str,
+          timeout_s: float = 400) -> dict:
+    """benchmarks.bench for one engine configuration; returns its JSON (with `returncode`)."""
+    path = out / f"{name}.json"
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--engine", engine, "--model-dir", str(model_dir),
+           "--tokenizer-model", str(tokenizer), "--out", str(path), "--phases", phases,
+           "--no-torch-profiler", *flags]
+    start = time.monotonic()
+    rc = _run(cmd, out / f"{name}.log", timeout_s, env={"NCCL_NVLS_ENABLE": "0"})
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update({"returncode": rc, "wall_s": time.monotonic() - start, "command": shlex.join(cmd)})
+    write_json(path, result)
+    _log(f"{name}: rc={rc} in {result['wall_s']:.0f} s, errors: {list(result.get('errors', {}))}")
+    return result
+
+
+def kv_bytes(result: dict) -> float | None:
+    return (result.get("kv_one_request") or {}).get("kv_bytes_measured") or None
+
+
+def ratio(a, b) -> float | None:
+    return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Sections
+# ------------------------------------------------------------------------------------------------
+
+
+def section_tiny_tp(args) -> dict:
+    """float32 exactness of the tiny checkpoint at TP=1 and TP=2 (benchmarks.exact)."""
+    checkpoint = args.models / "tiny-next"
+    reference = args.models / "reference-next.json"
+    env = {"TRITON_F32_DEFAULT": "ieee", "NCCL_NVLS_ENABLE": "0"}
+    common = [sys.executable, "-m", "benchmarks.exact", "--checkpoint", str(checkpoint), "--variant", "next",
+              "--dtype", "float32", "--attention-backend", "TRITON_ATTN", "--check", "exact",
+              "--reference-cache", str(reference)]
+    _run([*common, "--reference-only"], args.out / "tiny_reference.log", 600, env)
+    runs = {}
+    for tp in (1, 2):
+        path = args.out / f"tiny_tp{tp}.json"
+        cmd = [*common, "--tensor-parallel-size", str(tp), "--name", f"tiny-tp{tp}", "--out", str(path)]
+        rc = _run(cmd, args.out / f"tiny_tp{tp}.log", 400, env)
+        runs[tp] = json.loads(path.read_text()) if path.exists() else {"returncode": rc}
+        runs[tp]["command"] = shlex.join(cmd)
+        _log(f"tiny TP={tp}: passed={runs[tp].get('passed')}")
+    cases = runs[1].get("cases", {})
+    equal = bool(cases) and all(
+        runs[2].get("cases", {}).get(name, {}).get("tokens") == case["tokens"] for name, case in cases.items())
+    return {"tp1": runs[1], "tp2": runs[2], "tokens_equal_tp1": equal,
+            "tp1_equals_reference": runs[1].get("passed"), "tp2_equals_reference": runs[2].get("passed")}
+
+
+def section_dp2(args) -> dict:
+    """pmod-serve --data-parallel-size 2 under vllm bench serve (benchmarks.e2e_serve)."""
+    out = args.out / "dp2"
+    cmd = [sys.executable, "-m", "benchmarks.e2e_serve", "--out", str(out), "--models", str(args.models),
+           "--engines", "pmod", "--runs", "warmup,image_c256", "--server-args", "--data-parallel-size 2",
+           "--deadline-s", str(args.dp2_deadline_s)]
+    rc = _run(cmd, args.out / "dp2.log", args.dp2_deadline_s + 60, {"NCCL_NVLS_ENABLE": "0"})
+    report = json.loads((out / "e2e_serve.json").read_text()) if (out / "e2e_serve.json").exists() else {}
+    pmod = report.get("pmod", {})
+    c256 = pmod.get("runs", {}).get("image_c256", {})
+    one_gpu = None
+    if args.one_gpu and args.one_gpu.exists():
+        one_gpu = json.loads(args.one_gpu.read_text()).get("pmod", {}).get("runs", {}).get("image_c256", {})
+    per_engine = c256.get("kv_metrics_per_engine", {})
+    metrics_ok = kv_metrics_agree(per_engine, num_engines=2)
+    return {"returncode": rc, "command": shlex.join(cmd), "server_command": pmod.get("server_command"),
+            "requests_per_s": c256.get("request_throughput"), "completed": c256.get("completed"),
+            "failed": c256.get("failed"),
+            "one_gpu_requests_per_s": (one_gpu or {}).get("request_throughput"),
+            "throughput_ratio_vs_one_gpu": ratio(c256.get("request_throughput"),
+                                                 (one_gpu or {}).get("request_throughput")),
+            "kv_metrics_per_engine": per_engine, "metrics_per_engine_ok": metrics_ok, "error": pmod.get("error")}
+
+
+def section_tp2(args) -> dict:
+    pmod_dir, dense_dir = args.models / "pmod-next-7b", args.models / "llava-next-7b-hf"
+    tokenizer = pmod_dir / "tokenizer.model"
+    flags = ["--tensor-parallel-size", "2", "--attention-backend", "FLASH_ATTN"]
+    pmod = bench(args.out, "tp2_pmod", "pmod", pmod_dir, tokenizer, "kv_one_request,throughput,quality", *flags)
+    dense = bench(args.out, "tp2_baseline", "baseline", dense_dir, tokenizer, "kv_one_request,throughput", *flags)
+    return {"pmod": pmod, "baseline": dense,
+            "kv_bytes_ratio": ratio(kv_bytes(pmod), kv_bytes(dense)),
+            "throughput_ratio": ratio((pmod.get("throughput") or {}).get("requests_per_s"),
+                                      (dense.get("throughput") or {}).get("requests_per_s"))}
+
+
+def section_fp8(args) -> dict:
+    pmod_dir, dense_dir = args.models / "pmod-next-7b", args.models / "llava-next-7b-hf"
+    tokenizer = pmod_dir / "tokenizer.model"
+    eager = ["--enforce-eager", "--attention-backend", "FLASH_ATTN"]
+    runs = {
+        "bf16": bench(args.out, "fp8_base_pmod_bf16", "pmod", pmod_dir, tokenizer, "kv_one_request,quality", *eager),
+        "fp8_kv": bench(args.out, "fp8_pmod_fp8_kv", "pmod", pmod_dir, tokenizer, "kv_one_request,quality",
+                        *eager, "--kv-cache-dtype", "fp8"),
+        "fp8_weights": bench(args.out, "fp8_pmod_fp8_weights", "pmod", pmod_dir, tokenizer,
+                             "kv_one_request,quality,chat", *eager, "--quantization", "fp8"),
+        "dense_bf16": bench(args.out, "fp8_baseline_bf16", "baseline", dense_dir, tokenizer, "kv_one_request", *eager),
+    }
+    return {"runs": runs, **quality_report(runs, kv_base=runs["dense_bf16"])}
+
+
+def section_tiny_quality(args) -> dict:
+    tokenizer = TRAINED_TINY / "tokenizer.model"
+    flags = ["--load-format", "auto", "--enforce-eager", "--attention-backend", "TRITON_ATTN",
+             "--max-model-len", "2048", "--gpu-memory-utilization", "0.3", "--tiny"]
+    runs = {
+        "bf16": bench(args.out, "tiny_pmod_bf16", "pmod", TRAINED_TINY, tokenizer, "quality,chat", *flags),
+        "fp8_kv": bench(args.out, "tiny_pmod_fp8_kv", "pmod", TRAINED_TINY, tokenizer, "quality,chat", *flags,
+                        "--kv-cache-dtype", "fp8"),
+        "fp8_weights": bench(args.out, "tiny_pmod_fp8_weights", "pmod", TRAINED_TINY, tokenizer, "quality,chat",
+                             *flags, "--quantization", "fp8"),
+    }
+    return {"checkpoint": str(TRAINED_TINY.relative_to(REPO)), "runs": runs, **quality_report(runs)}
+
+
+def quality_report(runs: dict, kv_base: dict | None = None) -> dict:
+    base = runs["bf16"].get("quality")
+    report = {}
+    for name in ("fp8_kv", "fp8_weights"):
+        other = runs[name].get("quality")
+        report[name] = {"quality": compare_quality(base, other, **POLICIES["fp8"]) if base and other else None,
+                        "errors": runs[name].get("errors"), "returncode": runs[name].get("returncode")}
+        if kv_base is not None:
+            report[name]["kv_bytes_ratio_vs_bf16_dense"] = ratio(kv_bytes(runs[name]), kv_bytes(kv_base))
+            report[name]["kv_bytes_ratio_vs_bf16_pmod"] = ratio(kv_bytes(runs[name]), kv_bytes(runs["bf16"]))
+    if kv_base is not None:
+        report["bf16_kv_bytes_ratio_vs_dense"] = ratio(kv_bytes(runs["bf16"]), kv_bytes(kv_base))
+    report["chat"] = {name: run.get("chat") for name, run in runs.items() if run.get("chat")}
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# Merge into benchmarks/results/gpu_configs.json
+# ------------------------------------------------------------------------------------------------
+
+
+def merge(dirs: list[Path]) -> dict:
+    sections: dict[str, dict] = {}
+    for directory in dirs:
+        for name in SECTIONS:
+            path = directory / f"{name}.json"
+            if path.exists():
+                sections[name] = json.loads(path.read_text())
+    tiny_tp, tp2, dp2 = sections.get("tiny_tp", {}), sections.get("tp2", {}), sections.get("dp2", {})
+    fp8, tiny_quality = sections.get("fp8", {}), sections.get("tiny_quality", {})
+    gpu = next((s.get("gpu") for s in sections.values() if s.get("gpu")), None)
+
+    tp2_quality = None
+    base = ((fp8.get("runs") or {}).get("bf16") or {}).get("quality")
+    if base and (tp2.get("pmod") or {}).get("quality"):
+        tp2_quality = compare_quality(base, tp2["pmod"]["quality"], **POLICIES["bf16"])
+
+    def fp8_entry(name: str) -> dict:
+        full = (fp8.get(name) or {}).get("quality")
+        tiny = (tiny_quality.get(name) or {}).get("quality")
+        checks = [c for c in (full, tiny) if c is not None]
+        return {"quality_full_size_dummy": full, "quality_trained_tiny": tiny,
+                "quality_policy_pass": bool(checks) and len(checks) == 2 and all(c["passed"] for c in checks)}
+
+    fp8_kv = fp8_entry("fp8_kv")
+    fp8_weights = fp8_entry("fp8_weights")
+    chat = (fp8.get("chat") or {}).get("fp8_weights")
+    return {
+        "gpu": gpu,
+        "command": {name: section.get("command") for name, section in sections.items()},
+        "tp2": {"gpu": gpu, "tokens_equal_tp1": tiny_tp.get("tokens_equal_tp1"),
+                "tiny_float32_tp1_equals_reference": tiny_tp.get("tp1_equals_reference"),
+                "tiny_float32_tp2_equals_reference": tiny_tp.get("tp2_equals_reference"),
+                "full_size_bf16_vs_tp1": tp2_quality,
+                "kv_bytes_ratio": tp2.get("kv_bytes_ratio"), "throughput_ratio": tp2.get("throughput_ratio")},
+        "dp2": {"throughput_ratio_vs_one_gpu": dp2.get("throughput_ratio_vs_one_gpu"),
+                "metrics_per_engine_ok": dp2.get("metrics_per_engine_ok"),
+                "requests_per_s": dp2.get("requests_per_s"), "one_gpu_requests_per_s": dp2.get("one_gpu_requests_per_s"),
+                "kv_metrics_per_engine": dp2.get("kv_metrics_per_engine")},
+        "fp8_kv": {"kv_bytes_ratio_vs_bf16_dense": (fp8.get("fp8_kv") or {}).get("kv_bytes_ratio_vs_bf16_dense"),
+                   "kv_bytes_ratio_vs_bf16_pmod": (fp8.get("fp8_kv") or {}).get("kv_bytes_ratio_vs_bf16_pmod"),
+                   "quality_policy": POLICIES["fp8"], **fp8_kv},
+        "fp8_weights": {"served": bool(chat and chat.get("output_tokens")), "chat": chat,
+                        "quality_policy": POLICIES["fp8"], **fp8_weights},
+        "bf16_kv_bytes_ratio_vs_dense_tp1": fp8.get("bf16_kv_bytes_ratio_vs_dense"),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, default=REPO / ".gpu" / "models")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sections", type=lambda s: tuple(s.split(",")), default=())
+    parser.add_argument("--one-gpu", type=Path, help="e2e_serve.json of a one-GPU pmod-serve run (image_c256)")
+    parser.add_argument("--dp2-deadline-s", type=float, default=330)
+    parser.add_argument("--merge", type=Path, nargs="+")
+    args = parser.parse_args(argv)
+    if args.merge:
+        write_json(args.out, merge(args.merge))
+        print(json.dumps(merge(args.merge), indent=1, default=str)[:4000])
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    functions = {"tiny_tp": section_tiny_tp, "dp2": section_dp2, "tp2": section_tp2, "fp8": section_fp8,
+                 "tiny_quality": section_tiny_quality}
+    for name in args.sections:
+        start = time.monotonic()
+        try:
+            result = functions[name](args)
+        except Exception as exc:  # keep the other sections' results
+            import traceback
+
+            result = {"error": repr(exc), "traceback": traceback.format_exc()[-3000:]}
+        result.update({"section_s": time.monotonic() - start, "gpu": gpu_name(),
+                       "command": result.get("command") or shlex.join([sys.executable, "-m", "benchmarks.gpu_configs",
+                                                                        *(argv or sys.argv[1:])])})
+        write_json(args.out / f"{name}.json", result)
+        _log(f"section {name}: {time.monotonic() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
