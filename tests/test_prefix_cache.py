@@ -232,8 +232,9 @@ def test_hit_ending_inside_the_span_recomputes_exactly(llm_prefix, tiny_next, re
     assert not scheduler.requests
 
 
-def test_slots_of_shared_blocks_are_not_rewritten(llm_prefix):
-    """The step after a hit writes no KV into the shared blocks: their slots map to -1."""
+def test_slots_of_shared_blocks_are_not_rewritten(llm_prefix, monkeypatch):
+    """The step after a hit writes no KV into the shared blocks: their slots map to -1 (on the
+    host path, and on the device path large GPU steps take)."""
     engine = llm_prefix.llm_engine
     runner = engine_runner(llm_prefix)
     stack = runner._pmod_stack
@@ -258,6 +259,18 @@ def test_slots_of_shared_blocks_are_not_rewritten(llm_prefix):
         indices = range(int(slots_at_hit[layer]), int(slots_at_hit[layer]) + num_new)
         expected = [-1 if c < held_slots[layer] else int(tables[layer, c // BLOCK]) * BLOCK + c % BLOCK for c in indices]
         assert slots == expected, layer
+    # The device path (here on CPU tensors), from the same step's buffers.
+    import pmod_serve.runner as runner_module
+
+    host_result = slot_mapping[:, :num_new].copy()
+    stack.table.written[row] = held_slots[stack.table.class_first_layer]
+    slot_mapping[:, :num_new] = 0
+    monkeypatch.setattr(runner_module, "HOST_SLOT_MAPPING_MAX_TOKENS", 0)
+    monkeypatch.setattr(stack.table, "host_only", False)
+    runner._pmod_slot_mapping(stack, runner._pmod_step.num_scheduled_tokens)
+    assert (slot_mapping[:, :num_new] == host_result).all()
+    monkeypatch.undo()
+    stack.table.written[row] = 0
     while engine.has_unfinished_requests():
         engine.step()
 
