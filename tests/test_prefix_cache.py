@@ -148,6 +148,18 @@ def check_accounting(scheduler) -> None:
         assert pool.blocks[block_id].ref_cnt == count
 
 
+def check_layer_tables(scheduler, runner) -> None:
+    """The scheduler's per-layer view of each request's blocks (what it names in the prefix
+    cache) is the model runner's per-layer block table."""
+    table = runner._pmod_stack.table
+    for request_id, state in scheduler.pmod_kv_manager.layer_blocks_of.items():
+        row = runner.input_batch.req_id_to_index.get(request_id)
+        if row is None:
+            continue
+        for layer, blocks in enumerate(state.layers):
+            assert table.tables.np[layer, row, : table.held[row, layer]].tolist() == [b.block_id for b in blocks]
+
+
 def check_idle(scheduler, runner) -> None:
     pool = scheduler.kv_cache_manager.block_pool
     assert not scheduler.requests
@@ -201,6 +213,7 @@ def test_concurrent_conversations_share_the_image_blocks(llm_prefix, tiny_next, 
                 if output.finished:
                     outputs[output.request_id.rsplit("-", 1)[0]] = output
             check_accounting(scheduler)
+            check_layer_tables(scheduler, runner)
             held = [{b.block_id for b in blocks} for blocks in scheduler.pmod_kv_manager.req_to_blocks.values()]
             if len(held) == 2:
                 shared = max(shared, len(held[0] & held[1]))
@@ -292,6 +305,7 @@ def test_hits_after_preemption_stay_exact(llm_prefix_small_pool, tiny_v15, refer
             if request.num_preemptions and manager.prefix_hits.get(request.request_id, 0) > 0:
                 preempted_hits.add(request.request_id)
         check_accounting(scheduler)
+        check_layer_tables(scheduler, runner)
     assert preempted_hits, "no request came back from preemption with a prefix-cache hit"
     for index, prompt in enumerate(prompts):
         assert outputs[f"pre-{index}"] == reference.generate(tiny_v15, prompt, [image], 200), index
