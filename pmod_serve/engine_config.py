@@ -42,7 +42,6 @@ class PmodEngineConfig(VerifyAndUpdateConfig):
         from vllm.platforms import current_platform
 
         model_config = vllm_config.model_config
-        cache_config = vllm_config.cache_config
         scheduler_config = vllm_config.scheduler_config
         parallel_config = vllm_config.parallel_config
 

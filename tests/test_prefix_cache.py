@@ -11,7 +11,6 @@ import pytest
 from conftest import engine_runner, engine_scheduler, make_image, vicuna_prompt
 from vllm import SamplingParams
 
-from pmod_serve.config import kept_target_count
 from pmod_serve.kv_accounting import kv_usage
 from pmod_serve.kv_layout import RequestKVLayout, RequestTargets
 from pmod_serve.prefix_cache import LayerBlockKeys, find_prefix_hit
@@ -177,7 +176,7 @@ def test_three_turn_conversation_hits_past_the_image(llm_prefix, tiny_next, refe
     prompt = vicuna_prompt(LONG_QUESTION, 1)
     visual_tokens = visual_token_count(llm_prefix, vicuna_prompt("Fresh.", 1), make_image(336, 336, 62))
     before = prefix_cache_counters(llm_prefix)
-    hits = []
+    hits, answer = [], ""
     for turn, question in enumerate(["", "What colors are there?", "And which shapes?"]):
         if turn:
             prompt = f"{prompt} {answer}</s>USER: {question} ASSISTANT:"
