@@ -11,7 +11,9 @@ Which layer a new block belongs to follows from token counts alone (`RequestKVLa
 blocks are queued per row and assigned once the step's token count is known
 (`assign_pending`): one more token past the visual span adds one block to exactly the layers
 whose slot count crosses a block boundary; anything else tops every layer up to the step's
-token count, layer after layer.
+token count, layer after layer. A request that resumes from a prefix-cache hit of `N` tokens
+comes with the hit's shared blocks first: they top every layer up to `N` tokens, and the slots
+they already hold past each layer's count at `N` are never written again (`written`).
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ class PmodBlockTable(BlockTable):
         self.row_span = np.zeros((max_num_reqs, 2), dtype=np.int64)
         self.row_class_skipped = np.zeros((max_num_reqs, num_classes), dtype=np.int64)
         self.row_skips = np.zeros(max_num_reqs, dtype=bool)
+        # Per row and retention-ratio class: compacted slots below this already hold this
+        # request's KV in shared prefix-cache blocks (written by another request), so the step
+        # that recomputes their tokens writes nothing there. 0 once passed.
+        self.written = np.zeros((max_num_reqs, num_classes), dtype=np.int64)
         # Requests taken out of the batch while they keep their blocks (not scheduled in a step):
         # their per-layer tables, restored when they come back with the same block list.
         self.parked: dict[RequestKVLayout, tuple[np.ndarray, np.ndarray, int]] = {}
@@ -104,10 +110,11 @@ class PmodBlockTable(BlockTable):
         if parked is not None and layout not in self.fresh and parked[2] <= len(block_ids):
             # Back in the batch with the blocks it had (plus any new ones): which layer each
             # block serves depends on the order it was lent in, so restore rather than re-split.
-            tables, held, held_total = parked
+            tables, held, held_total, written = parked
             self.tables.np[:, row_idx, : tables.shape[1]] = tables
             self.held[row_idx] = held
             self.held_total[row_idx] = held_total
+            self.written[row_idx] = written
             block_ids = block_ids[held_total:]
         self.rows_changed = True
         self.append_row(block_ids, row_idx)
@@ -121,7 +128,8 @@ class PmodBlockTable(BlockTable):
         if layout is not None and self.held_total[row_idx] > 0:
             width = int(self.held[row_idx].max())
             self.parked[layout] = (
-                self.tables.np[:, row_idx, :width].copy(), self.held[row_idx].copy(), int(self.held_total[row_idx])
+                self.tables.np[:, row_idx, :width].copy(), self.held[row_idx].copy(), int(self.held_total[row_idx]),
+                self.written[row_idx].copy(),
             )
         self.tables.np[:, row_idx] = 0
         self.held[row_idx] = 0
@@ -130,12 +138,13 @@ class PmodBlockTable(BlockTable):
         self.layouts[row_idx] = None
         self.row_class_skipped[row_idx] = 0
         self.row_skips[row_idx] = False
+        self.written[row_idx] = 0
 
     def move_row(self, src: int, tgt: int) -> None:
         self.rows_changed = True
         width = int(self.held[src].max(initial=0))
         self.tables.np[:, tgt, :width] = self.tables.np[:, src, :width]
-        for array in (self.held, self.held_total, self.row_span, self.row_class_skipped, self.row_skips):
+        for array in (self.held, self.held_total, self.row_span, self.row_class_skipped, self.row_skips, self.written):
             array[tgt] = array[src]
         self.layouts[tgt] = self.layouts[src]
         pending = self.pending.pop(src, None)
@@ -148,7 +157,7 @@ class PmodBlockTable(BlockTable):
         self.rows_changed = True
         pair, swapped = [src, tgt], [tgt, src]
         self.tables.np[:, pair] = self.tables.np[:, swapped]
-        for array in (self.held, self.held_total, self.row_span, self.row_class_skipped, self.row_skips):
+        for array in (self.held, self.held_total, self.row_span, self.row_class_skipped, self.row_skips, self.written):
             array[pair] = array[swapped]
         self.layouts[src], self.layouts[tgt] = self.layouts[tgt], self.layouts[src]
         pending_src, pending_tgt = self.pending.pop(src, None), self.pending.pop(tgt, None)
@@ -210,40 +219,52 @@ class PmodBlockTable(BlockTable):
         """`[layer, request, block]` device view of the first `num_reqs` rows."""
         return self.tables.gpu[:, :num_reqs]
 
-    def assign_pending(self, num_tokens: np.ndarray) -> None:
+    def assign_pending(self, num_computed: np.ndarray, num_tokens: np.ndarray) -> None:
         """Give queued new blocks to their layers; `num_tokens[row]` is the row's token count
-        at the end of this step (what the scheduler allocated for)."""
+        at the end of this step (what the scheduler allocated for), `num_computed[row]` at its
+        start."""
         if not self.pending:
             return
-        tables = self.tables.np
         for row, block_ids in self.pending.items():
             layout = self.layouts[row]
-            num_new = len(block_ids)
-            held = self.held[row]
-            tokens = int(num_tokens[row])
-            crossing = layout.crossing_layers(tokens)
-            if (
-                crossing is not None
-                and len(crossing) == num_new
-                and self.held_total[row] == layout.total_blocks(tokens - 1)
-            ):
-                # Decoding: one block each for the layers that cross a block boundary.
-                layers, columns = crossing, held[crossing]
-            else:
-                new = layout.layer_blocks(tokens) - held if _valid_count(layout, tokens) else None
-                if new is None or int(new.sum()) != num_new or (new < 0).any():
-                    new = layout.split_new_blocks(held, num_new)
-                # Layer after layer, each its new blocks in order.
-                layers = np.repeat(np.arange(self.num_layers), new)
-                first_of_layer = np.cumsum(new) - new
-                columns = held[layers] + np.arange(num_new) - first_of_layer[layers]
-            tables[layers, row, columns] = block_ids
-            np.add.at(held, layers, 1)  # a layer may appear several times
-            self.held_total[row] += num_new
-            if not self.host_only:
-                self.writes.append((layers, row, columns, block_ids))
+            computed = int(num_computed[row])
+            if computed and self.held_total[row] < layout.total_blocks(computed):
+                # A prefix-cache hit: its blocks come first, an allocation at `computed` tokens,
+                # and every one of them is full.
+                num_hit = layout.total_blocks(computed) - int(self.held_total[row])
+                self._assign(row, layout, block_ids[:num_hit], computed)
+                self.written[row] = layout.layer_blocks(computed)[self.class_first_layer] * self.block_size
+                block_ids = block_ids[num_hit:]
+            if block_ids:
+                self._assign(row, layout, block_ids, int(num_tokens[row]))
         self.pending.clear()
 
+    def _assign(self, row: int, layout: RequestKVLayout, block_ids: list[int], tokens: int) -> None:
+        """Blocks lent at once to top every layer of `row` up to `tokens` tokens."""
+        num_new = len(block_ids)
+        held = self.held[row]
+        crossing = layout.crossing_layers(tokens)
+        if (
+            crossing is not None
+            and len(crossing) == num_new
+            and self.held_total[row] == layout.total_blocks(tokens - 1)
+        ):
+            # Decoding: one block each for the layers that cross a block boundary.
+            layers, columns = crossing, held[crossing]
+        else:
+            # Layer after layer, each its new blocks in order.
+            layers = layout.layer_of_new_blocks(held, tokens, num_new)
+            new = np.bincount(layers, minlength=self.num_layers)
+            first_of_layer = np.cumsum(new) - new
+            columns = held[layers] + np.arange(num_new) - first_of_layer[layers]
+        self.tables.np[layers, row, columns] = block_ids
+        np.add.at(held, layers, 1)  # a layer may appear several times
+        self.held_total[row] += num_new
+        if not self.host_only:
+            self.writes.append((layers, row, columns, block_ids))
 
-def _valid_count(layout: RequestKVLayout, num_tokens: int) -> bool:
-    return not layout.skips or not (layout.span_start < num_tokens < layout.span_end)
+    def pass_written(self, num_reqs: int, end: np.ndarray) -> None:
+        """Rows whose step ends (`end`: [class, request] compacted counts) at or past the slots
+        their shared blocks hold write normally from now on."""
+        written = self.written[:num_reqs]
+        written[(end.T >= written).all(axis=1)] = 0

@@ -5,8 +5,8 @@ the same installation are untouched. What it switches, and why:
 
 - tokenizer mode `pmod`: the released slow-tokenizer encoding (pmod_serve.tokenizer);
 - the p-MoD worker and scheduler: per-layer compacted KV in one KV cache group, one-step visual prefill;
-- prefix caching off: blocks of a compacted group hold a different token subset per layer, so
-  vLLM's per-group content hashing would share blocks that do not match (refused if asked for);
+- prefix caching stays as vLLM sets it (on by default): compacted layer blocks are named by
+  their content per layer (pmod_serve.prefix_cache), so hits are exact;
 - `max_num_batched_tokens >= max_model_len`: a request's visual tokens must fit in one step;
 - torch.compile and CUDA graphs as vLLM sets them, except for steps that route visual tokens
   (top-k, gathers of a data-dependent size): those run eagerly, with vLLM's CUDA kernels for its
@@ -42,7 +42,6 @@ class PmodEngineConfig(VerifyAndUpdateConfig):
         from vllm.platforms import current_platform
 
         model_config = vllm_config.model_config
-        cache_config = vllm_config.cache_config
         scheduler_config = vllm_config.scheduler_config
         parallel_config = vllm_config.parallel_config
 
@@ -55,10 +54,6 @@ class PmodEngineConfig(VerifyAndUpdateConfig):
                 "p-MoD needs vLLM's hybrid KV cache manager: its KV cache spec (the whole decoder in one "
                 "group, per-layer block tables) is a custom one; drop --disable-hybrid-kv-cache-manager"
             )
-
-        if cache_config.enable_prefix_caching:
-            logger.info("p-MoD: prefix caching disabled (compacted KV blocks are not content-addressable)")
-        cache_config.enable_prefix_caching = False
 
         if scheduler_config.max_num_batched_tokens < model_config.max_model_len:
             logger.info(

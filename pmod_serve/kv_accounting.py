@@ -26,15 +26,14 @@ class RequestKV:
 
 @dataclass
 class KVUsage:
+    """What the running requests hold together. With prefix caching, requests share blocks:
+    `layer_blocks` counts each pool block once (exactly the pool's blocks in use by requests),
+    and `dense_layer_blocks` counts a dense layout with every full token block of identical
+    content (same prefix hash) once: what dense vLLM's prefix caching could hold at best."""
+
     requests: dict[str, RequestKV] = field(default_factory=dict)
-
-    @property
-    def layer_blocks(self) -> int:
-        return sum(r.layer_blocks for r in self.requests.values())
-
-    @property
-    def dense_layer_blocks(self) -> int:
-        return sum(r.dense_layer_blocks for r in self.requests.values())
+    layer_blocks: int = 0
+    dense_layer_blocks: int = 0
 
     @property
     def savings_ratio(self) -> float:
@@ -43,10 +42,11 @@ class KVUsage:
 
 
 def request_kv(scheduler, request) -> RequestKV | None:
-    """Blocks the KV manager holds for `request` now, against a dense layout of its tokens."""
+    """Blocks the KV manager holds for `request` now (shared ones included), against a dense
+    layout of its tokens."""
     manager = scheduler.pmod_kv_manager
     request_id = request.request_id
-    # Full attention without prefix caching holds no null blocks: every entry is a real block.
+    # Full attention holds no null blocks: every entry is a real block.
     held = len(manager.req_to_blocks.get(request_id, ()))
     if held == 0:
         return None
@@ -60,9 +60,22 @@ def request_kv(scheduler, request) -> RequestKV | None:
 
 
 def kv_usage(scheduler) -> KVUsage:
+    manager = scheduler.pmod_kv_manager
+    block_size = manager.block_size
     usage = KVUsage()
+    held: set[int] = set()
+    dense_full: set[bytes] = set()  # token-block hashes of the requests' full dense blocks
+    dense_other = 0  # dense blocks not shareable by content: partial, or unhashed (no caching)
     for request in scheduler.requests.values():
         kv = request_kv(scheduler, request)
-        if kv is not None:
-            usage.requests[request.request_id] = kv
+        if kv is None:
+            continue
+        usage.requests[request.request_id] = kv
+        held.update(block.block_id for block in manager.req_to_blocks[request.request_id])
+        num_tokens = request.num_computed_tokens
+        hashes = request.block_hashes[: num_tokens // block_size] if manager.enable_caching else ()
+        dense_full.update(hashes)
+        dense_other += cdiv(num_tokens, block_size) - len(hashes)
+    usage.layer_blocks = len(held)
+    usage.dense_layer_blocks = (len(dense_full) + dense_other) * len(manager.layer_ratios)
     return usage

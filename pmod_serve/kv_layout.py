@@ -45,15 +45,16 @@ class TargetPolicy:
         if not image_spans:
             # A sequence without images is never routed.
             return RequestTargets(())
+        images = tuple((offset, offset + length) for offset, length in sorted(image_spans))
         if self.target_token_type == "all":
-            return RequestTargets(((0, num_prompt_tokens),))
+            return RequestTargets(((0, num_prompt_tokens),), images)
         skip_base = self.target_token_type == "vision_hr" and self.anyres
         ranges = []
         for offset, length in sorted(image_spans):
             start = offset + self.base_image_tokens if skip_base else offset
             if start < offset + length:
                 ranges.append((start, offset + length))
-        return RequestTargets(tuple(ranges))
+        return RequestTargets(tuple(ranges), images)
 
     def targets_of(self, mm_features: Iterable[Any] | None, num_prompt_tokens: int) -> RequestTargets:
         """Targets of a vLLM request from its `mm_features` (`mm_position` = PlaceholderRange)."""
@@ -70,6 +71,8 @@ class RequestTargets:
     """Target token ranges `[start, end)` of one request, in prompt positions, sorted."""
 
     ranges: tuple[tuple[int, int], ...]
+    # `[start, end)` of every image's visual tokens (they may start before its targets).
+    images: tuple[tuple[int, int], ...] = ()
 
     # Cached: the KV managers read these per request, per layer group and per scheduler step.
     @functools.cached_property
@@ -82,6 +85,17 @@ class RequestTargets:
         if not self.ranges:
             return (0, 0)
         return (self.ranges[0][0], self.ranges[-1][1])
+
+    def resumable(self, num_tokens: int) -> int:
+        """The largest token count <= `num_tokens` a request may resume from (a prefix-cache hit):
+        never inside the visual span (top-k needs all of it in one step), nor inside an image."""
+        start, end = self.span
+        if start < num_tokens < end:
+            num_tokens = start
+        for image_start, image_end in self.images:
+            if image_start < num_tokens < image_end:
+                num_tokens = image_start
+        return num_tokens
 
     def num_skipped(self, retention_ratio: float | None) -> int:
         """Target tokens a layer with this retention ratio never caches."""
@@ -116,6 +130,8 @@ class RequestKVLayout:
         self.span_start, self.span_end = targets.span
         self.skipped = np.array([targets.num_skipped(ratio) for ratio in layer_ratios], dtype=np.int64)
         self.skips = bool(self.skipped.any())
+        # Whether any layer routes this request's tokens (re-weights them, even if it keeps all).
+        self.routed = bool(targets.ranges)
         self.total_skipped = int(self.skipped.sum())
         self.num_layers = len(self.skipped)
         # Layers whose slot count crosses into a new block when one token is added past the span:
@@ -185,6 +201,27 @@ class RequestKVLayout:
             raise RuntimeError(f"p-MoD: {num_new} new KV blocks fit no token count (held {held.tolist()})")
         return blocks - held
 
+    def layer_of_new_blocks(self, held: np.ndarray, num_tokens: int, num_new: int) -> np.ndarray:
+        """The layer of each of `num_new` blocks lent at once to top every layer up to `num_tokens`
+        fed tokens, given the blocks each layer `held`: layer after layer, the order in which the
+        scheduler's KV manager and the model runner's block table both read a block list."""
+        new = self.layer_blocks(num_tokens) - held if _valid_count(self, num_tokens) else None
+        if new is None or int(new.sum()) != num_new or (new < 0).any():
+            new = self.split_new_blocks(held, num_new)
+        return np.repeat(np.arange(self.num_layers), new)
+
+    def max_tokens_within(self, layer: int, num_slots: int) -> int:
+        """The largest token count a request may resume from (`RequestTargets.resumable`) at which
+        `layer` holds at most `num_slots` KV slots."""
+        skipped = int(self.skipped[layer])
+        if self.skips and num_slots >= self.span_start:
+            # Past the span the layer holds num_tokens - skipped slots; a layer that cannot hold
+            # the whole span resumes before it.
+            num_tokens = num_slots + skipped if num_slots + skipped >= self.span_end else self.span_start
+        else:
+            num_tokens = num_slots
+        return self.targets.resumable(num_tokens)
+
     def crossing_layers(self, num_tokens: int) -> np.ndarray | None:
         """Layers that get a block when the request grows from `num_tokens` - 1 to `num_tokens`
         tokens while decoding, or None where that shortcut does not apply."""
@@ -192,3 +229,7 @@ class RequestKVLayout:
         if previous <= 0 or (self.skips and previous < self.span_end):
             return None
         return self._crossing[previous % self.block_size]
+
+
+def _valid_count(layout: RequestKVLayout, num_tokens: int) -> bool:
+    return not layout.skips or not (layout.span_start < num_tokens < layout.span_end)

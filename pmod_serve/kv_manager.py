@@ -13,20 +13,28 @@ step (vLLM issues #49472, #51742). Instead, the whole decoder is one group here:
   together: `RequestKVLayout.total_blocks` (each layer `ceil(slots / block_size)`, a skipped
   visual token never takes a slot). The model runner splits the request's block list back into
   per-layer block tables (`pmod_serve.block_table`).
+
+Prefix caching (`pmod_serve.prefix_cache`): the manager names each full layer block by its
+content, finds a request's exact hit, and lends the hit's shared blocks as the request's first
+allocation. `PmodKVCacheManager` routes vLLM's hit lookup here, since that lookup needs the
+request (its visual span), which vLLM's per-group lookup does not get.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 from vllm.utils.math_utils import cdiv
-from vllm.v1.core.kv_cache_utils import KVCacheBlock
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+from vllm.v1.core.kv_cache_utils import KVCacheBlock, make_block_hash_with_group_id
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from pmod_serve.kv_layout import RequestKVLayout, RequestTargets
+from pmod_serve.prefix_cache import LayerBlockKeys, find_prefix_hit, layer_block_lists
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +64,17 @@ class PmodAttentionSpec(FullAttentionSpec):
         return cdiv(max_model_len, self.block_size)
 
 
+@dataclass
+class RequestLayerBlocks:
+    """One request's blocks per layer and how many of each layer's are in the prefix cache
+    (prefix caching only)."""
+
+    layers: list[list[KVCacheBlock]]
+    cached: np.ndarray  # [layer] blocks named in the prefix cache
+    cached_up_to: int = 0  # token count the names were last brought up to
+    keys: LayerBlockKeys | None = field(default=None, repr=False)
+
+
 class PmodAttentionManager(FullAttentionManager):
     """Lends each request the blocks of all its layers from the one pool.
 
@@ -70,6 +89,9 @@ class PmodAttentionManager(FullAttentionManager):
         # The base class only records new blocks for the built-in spec types.
         self._record_new_block_ids = bool(kwargs.get("needs_kv_cache_zeroing", False))
         self.layouts: dict[str, RequestKVLayout] = {}
+        # Prefix caching: every live request's blocks per layer, and its last hit (tokens).
+        self.layer_blocks_of: dict[str, RequestLayerBlocks] = {}
+        self.prefix_hits: dict[str, int] = {}
 
     def add_request_targets(self, request_id: str, targets: RequestTargets) -> RequestKVLayout:
         layout = self.layouts.get(request_id)
@@ -79,15 +101,19 @@ class PmodAttentionManager(FullAttentionManager):
 
     def drop_request(self, request_id: str) -> None:
         self.layouts.pop(request_id, None)
+        self.prefix_hits.pop(request_id, None)
 
-    def _virtual_tokens(self, request_id: str, num_tokens: int) -> int:
+    def _layout(self, request_id: str) -> RequestKVLayout:
         layout = self.layouts.get(request_id)
         if layout is None:
             raise RuntimeError(
                 "PmodAttentionManager needs the p-MoD scheduler (pmod_serve.scheduler) to register "
                 f"request {request_id}; was scheduler_cls overridden?"
             )
-        return layout.total_blocks(num_tokens) * self.block_size
+        return layout
+
+    def _virtual_tokens(self, request_id: str, num_tokens: int) -> int:
+        return self._layout(request_id).total_blocks(num_tokens) * self.block_size
 
     def get_num_blocks_to_allocate(
         self,
@@ -99,14 +125,16 @@ class PmodAttentionManager(FullAttentionManager):
         num_tokens_main_model: int,
         apply_admission_cap: bool = False,
     ) -> int:
-        # Prefix caching is off for p-MoD models, so the computed-token counts are 0 here.
         virtual = self._virtual_tokens(request_id, num_tokens)
+        # The computed-token counts only matter with a prefix-cache hit: its blocks are whole
+        # blocks in virtual tokens (never vLLM's partial hit).
+        computed = self._virtual_tokens(request_id, num_local_computed_tokens) if new_computed_blocks else 0
         return super().get_num_blocks_to_allocate(
             request_id,
             virtual,
             new_computed_blocks,
-            total_computed_tokens,
-            num_local_computed_tokens,
+            computed,
+            computed,
             virtual if num_tokens_main_model == num_tokens else self._virtual_tokens(request_id, num_tokens_main_model),
             apply_admission_cap,
         )
@@ -115,11 +143,126 @@ class PmodAttentionManager(FullAttentionManager):
         self, request_id: str, num_tokens: int, num_tokens_main_model: int
     ) -> list[KVCacheBlock]:
         virtual = self._virtual_tokens(request_id, num_tokens)
-        return super().allocate_new_blocks(
+        new_blocks = super().allocate_new_blocks(
             request_id,
             virtual,
             virtual if num_tokens_main_model == num_tokens else self._virtual_tokens(request_id, num_tokens_main_model),
         )
+        if self.enable_caching and new_blocks:
+            layout = self.layouts[request_id]
+            state = self.layer_blocks_of.get(request_id)
+            if state is None:
+                state = self.layer_blocks_of[request_id] = RequestLayerBlocks(
+                    [[] for _ in range(layout.num_layers)], np.zeros(layout.num_layers, dtype=np.int64)
+                )
+            layer_block_lists(layout, new_blocks, state.layers, num_tokens)
+        return new_blocks
+
+    # --- prefix caching ----------------------------------------------------------------------
+
+    def find_prefix_hit(self, request, max_tokens: int) -> tuple[list[KVCacheBlock], int]:
+        """The request's longest exact hit: its shared blocks (layer after layer) and length."""
+        layout = self._layout(request.request_id)
+        keys = LayerBlockKeys(layout, request.block_hashes)
+        group_ids = [self.kv_cache_group_id]
+
+        def lookup(key: bytes) -> KVCacheBlock | None:
+            cached = self.block_pool.get_cached_block(key, group_ids)
+            return cached[0] if cached else None
+
+        return find_prefix_hit(layout, keys, max_tokens, lookup)
+
+    def add_local_computed_blocks(
+        self,
+        request_id: str,
+        new_computed_blocks: Sequence[KVCacheBlock],
+        num_local_computed_tokens: int,
+        num_external_computed_tokens: int,
+    ) -> None:
+        layout = self._layout(request_id)
+        super().add_local_computed_blocks(
+            request_id,
+            new_computed_blocks,
+            layout.total_blocks(num_local_computed_tokens) * self.block_size,
+            num_external_computed_tokens,
+        )
+        if not self.enable_caching:
+            return
+        self.prefix_hits[request_id] = num_local_computed_tokens
+        # The hit's blocks: the first allocation, at the hit's token count; all already named.
+        state = RequestLayerBlocks([[] for _ in range(layout.num_layers)], np.zeros(layout.num_layers, dtype=np.int64))
+        layer_block_lists(layout, new_computed_blocks, state.layers, num_local_computed_tokens)
+        state.cached = np.array([len(blocks) for blocks in state.layers], dtype=np.int64)
+        state.cached_up_to = num_local_computed_tokens
+        self.layer_blocks_of[request_id] = state
+
+    def cache_blocks(self, request, num_tokens: int, retention_interval: int | None = None) -> None:
+        """Name the request's full layer blocks whose content is settled by its first
+        `num_tokens` tokens (computed by the end of this step), as vLLM does for its blocks."""
+        request_id = request.request_id
+        state = self.layer_blocks_of.get(request_id)
+        # vLLM's marker of a running request (its allocation fast path relies on it).
+        self.num_cached_block.setdefault(request_id, 0)
+        if state is None:
+            return
+        layout = self.layouts[request_id]
+        # A block is named once the original block of its dependency position is hashed.
+        up_to = layout.targets.resumable(min(num_tokens, len(request.block_hashes) * self.block_size))
+        if up_to <= state.cached_up_to:
+            return
+        state.cached_up_to = up_to
+        full = layout.layer_slots(up_to) // self.block_size
+        layers = np.flatnonzero(full > state.cached)
+        if not len(layers):
+            return
+        if state.keys is None or state.keys.block_hashes is not request.block_hashes:
+            state.keys = LayerBlockKeys(layout, request.block_hashes)
+        keys = state.keys
+        for layer in layers.tolist():
+            blocks = state.layers[layer]
+            for index in range(int(state.cached[layer]), min(int(full[layer]), len(blocks))):
+                block = blocks[index]
+                key = keys.key(layer, index)
+                if key is None or block.is_null:
+                    break
+                self.block_pool._insert_block_hash(
+                    make_block_hash_with_group_id(key, self.kv_cache_group_id),
+                    block,
+                    num_tokens=keys.covered_tokens(layer, index),
+                )
+                state.cached[layer] = index + 1
+        self.num_cached_block[request_id] = int(state.cached.sum())
+
+    def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
+        self.layer_blocks_of.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
+
+    def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
+        # A request's block list mixes layers: no block is a common prefix of every layer's
+        # table (and the p-MoD runner builds no cascade attention).
+        return 0
+
+
+class PmodKVCacheManager(KVCacheManager):
+    """vLLM's KV cache manager, with the prefix-cache lookup done per request by the p-MoD
+    manager (`PmodAttentionManager.find_prefix_hit`). The p-MoD scheduler swaps the class of
+    the manager vLLM's scheduler built."""
+
+    pmod_manager: PmodAttentionManager
+
+    def get_computed_blocks(self, request) -> tuple[KVCacheBlocks, int, int]:
+        if not self.enable_caching or request.skip_reading_prefix_cache:
+            return self.empty_kv_cache_blocks, 0, 0
+        # As vLLM: the last token is always recomputed, for its logits.
+        blocks, num_hit_tokens = self.pmod_manager.find_prefix_hit(request, request.num_tokens - 1)
+        if self.log_stats:
+            assert self.prefix_cache_stats is not None
+            self.prefix_cache_stats.record(
+                num_tokens=request.num_tokens,
+                num_hits=num_hit_tokens,
+                preempted=request.num_preemptions > 0,
+            )
+        return self.create_kv_cache_blocks((blocks,)), num_hit_tokens, 0
 
 
 def register_kv_cache_spec() -> None:

@@ -33,12 +33,15 @@ VISUAL_TOKENS = "pmod_visual_tokens"  # counter, exposed as pmod_visual_tokens_t
 REQUEST_SAVINGS = "pmod_request_kv_savings_ratio"  # histogram
 
 HELP = {
-    BLOCKS_IN_USE: "KV cache blocks held by running requests, summed over layers.",
-    BLOCKS_DENSE_EQUIVALENT: "KV cache blocks a dense LLaVA layout would hold for the same requests.",
+    BLOCKS_IN_USE: "KV cache blocks held by running requests, summed over layers (a block shared "
+                   "through prefix caching counts once).",
+    BLOCKS_DENSE_EQUIVALENT: "KV cache blocks a dense LLaVA layout would hold for the same requests (a full "
+                             "block of identical content counts once, as prefix caching shares it).",
     SAVINGS_RATIO: "1 - blocks_in_use / dense_equivalent (0 when idle).",
     SLOTS_SAVED: "KV token slots, summed over layers, that skipped visual tokens did not occupy.",
     VISUAL_TOKENS: "Visual tokens prefilled.",
-    REQUEST_SAVINGS: "KV cache savings ratio of each finished request, at its largest allocation.",
+    REQUEST_SAVINGS: "KV cache savings ratio of each finished request, at its largest allocation (blocks "
+                     "it shares with other requests included).",
 }
 SAVINGS_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (float("inf"),)
 LABEL_NAMES = ("model_name", "engine")

@@ -70,6 +70,9 @@ class PmodStep:
     # No request of the step has skipped a token yet (text only, or before its images): every
     # class has the same compacted lengths, so one attention-metadata build serves all layers.
     classes_identical: bool
+    end: np.ndarray  # [class, request] compacted tokens at the end of the step
+    # Some request recomputes tokens whose slots shared prefix-cache blocks already hold.
+    writes_shared: bool
 
 
 class PmodStack:
@@ -310,11 +313,13 @@ class PmodRunnerMixin:
         num_computed = self.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
         num_sched = num_scheduled_tokens[:num_reqs].astype(np.int64)
         # Before vLLM copies the block table to the device (first thing it does).
-        stack.table.assign_pending(num_computed + num_sched)
+        stack.table.assign_pending(num_computed, num_computed + num_sched)
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
 
         self._pmod_step = self._compact(stack, num_computed, num_sched)
         self._pmod_slot_mapping(stack, self._pmod_step.num_scheduled_tokens)
+        if self._pmod_step.writes_shared:
+            stack.table.pass_written(num_reqs, self._pmod_step.end)
         routing = self._routing_for_step(stack, num_computed, num_sched)
         self._pmod_routing = routing
         self._pmod_model().set_pmod_routing(routing)
@@ -377,6 +382,8 @@ class PmodRunnerMixin:
             max_seq_len=end.max(axis=1, initial=0),
             num_scheduled_tokens=total,
             classes_identical=bool((end == end[0]).all() and (start == start[0]).all()),
+            end=end,
+            writes_shared=bool(table.written[:num_reqs].any()),
         )
 
     def _pmod_slot_mapping(self, stack: PmodStack, num_tokens: int) -> None:
@@ -384,15 +391,20 @@ class PmodRunnerMixin:
 
         Small steps (decoding) are computed on the host, from the host copies of the tables and
         indices, and reach the device in one copy: cheaper than the ten device ops of a gather;
-        large steps (prefill) gather on the device."""
+        large steps (prefill) gather on the device. Slots that shared prefix-cache blocks already
+        hold (`PmodBlockTable.written`) get -1 (in the first step after a hit)."""
         block_size = stack.block_size
         table = stack.table
+        writes_shared = self._pmod_step.writes_shared
         if table.host_only or num_tokens <= HOST_SLOT_MAPPING_MAX_TOKENS:
             kept_index = stack.kept_index_by_class[stack.class_of_layer, :num_tokens]
             kept_request = stack.kept_request_by_class[stack.class_of_layer, :num_tokens]
             index = np.maximum(kept_index, 0)
             blocks = table.tables.np[stack.layer_arange, kept_request, index // block_size]
             slots = blocks.astype(np.int64) * block_size + index % block_size
+            if writes_shared:
+                written = table.written[kept_request, stack.class_of_layer[:, None]]
+                kept_index = np.where(kept_index >= written, kept_index, -1)
             if table.host_only:
                 # CPU: the host arrays are the device's.
                 table.slot_mapping.np[:, :num_tokens] = np.where(kept_index >= 0, slots, -1)
@@ -408,6 +420,9 @@ class PmodRunnerMixin:
         index = kept_index.clamp(min=0)
         blocks = table.tables.gpu[stack.layer_arange_gpu, kept_request, index // block_size]
         slots = blocks.to(torch.int64) * block_size + index % block_size
+        if writes_shared:
+            written = torch.from_numpy(table.written[: self._pmod_step.num_reqs]).to(slots.device)
+            kept_index = torch.where(kept_index >= written[kept_request, stack.class_of_layer_gpu[:, None]], kept_index, -1)
         table.slot_mapping.gpu[:, :num_tokens] = torch.where(kept_index >= 0, slots, -1)
 
     def _routing_for_step(self, stack: PmodStack, num_computed: np.ndarray, num_sched: np.ndarray) -> PmodRouting | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
@@ -16,7 +17,7 @@ from vllm.v1.request import Request
 from pmod_serve.image_processing import ImageLayout
 from pmod_serve.kv_accounting import kv_usage, request_kv
 from pmod_serve.kv_layout import RequestTargets, TargetPolicy
-from pmod_serve.kv_manager import PmodAttentionManager
+from pmod_serve.kv_manager import PmodAttentionManager, PmodKVCacheManager
 from pmod_serve.metrics import KVMetricsWriter
 
 # Block-table gauges are recomputed at most this often (seconds), and whenever the engine idles.
@@ -37,6 +38,11 @@ class PmodSchedulerMixin:
                 f"{[type(m).__name__ for m in managers]}"
             )
         self.pmod_kv_manager: PmodAttentionManager = managers[0]
+        # Prefix-cache lookups need the request's visual span: the p-MoD manager does them.
+        if type(self.kv_cache_manager) is not KVCacheManager:
+            raise RuntimeError(f"p-MoD: unexpected KV cache manager {type(self.kv_cache_manager).__name__}")
+        self.kv_cache_manager.__class__ = PmodKVCacheManager
+        self.kv_cache_manager.pmod_manager = self.pmod_kv_manager
         served_name = self.vllm_config.model_config.served_model_name
         self.pmod_metrics = KVMetricsWriter(
             model_name=served_name[0] if isinstance(served_name, list) else served_name,
@@ -124,6 +130,8 @@ class PmodSchedulerMixin:
         if request.num_computed_tokens < max(targets.span[1], 1) or not request.mm_features:
             return
         del self._awaiting_prefill[request.request_id]
+        if self.pmod_kv_manager.prefix_hits.get(request.request_id, 0) >= targets.span[1]:
+            return  # its images came from the prefix cache: nothing prefilled, no slot taken
         visual_tokens = sum(f.mm_position.length for f in request.mm_features if f.modality == "image")
         slots_saved = self.pmod_kv_manager.layouts[request.request_id].total_skipped
         self.pmod_metrics.add_prefill(visual_tokens, slots_saved)

@@ -32,6 +32,7 @@ CACHE = Path(os.environ.get("PMOD_TEST_CACHE", REPO / ".cache" / "tests"))
 # that start engines themselves declare `pytestmark = pytest.mark.engine`.
 ENGINE_FIXTURES = {
     "llm_next", "llm_v15", "llm_small_pool", "llm_trained", "served",  # in-process engines
+    "llm_prefix", "llm_prefix_small_pool",
     "pmod_server", "plain_server", "plain_vllm_server", "keyed_servers", "server",  # server processes
 }
 
@@ -157,6 +158,20 @@ def llm_small_pool(tiny_next):
     """384 layer-blocks: one 1536-token request in a dense layout (vLLM's start-up minimum) and
     about two of the preemption test's image requests; their decode growth forces preemption."""
     return make_llm(tiny_next, num_gpu_blocks_override=384, max_model_len=1536, max_num_seqs=4)
+
+
+@pytest.fixture(scope="session")
+def llm_prefix(tiny_next):
+    """Prefix caching (on by default) with 32-token blocks, so that hits past an image are
+    reached with short turns; vLLM's statistics on (`LLM.get_metrics`)."""
+    return make_llm(tiny_next, block_size=32, disable_log_stats=False)
+
+
+@pytest.fixture(scope="session")
+def llm_prefix_small_pool(tiny_v15):
+    """32-token blocks and 1056 layer-blocks (about one 1024-token request in a dense layout,
+    vLLM's start-up minimum): requests sharing an image prefix still preempt each other."""
+    return make_llm(tiny_v15, block_size=32, num_gpu_blocks_override=1056, max_model_len=1024, max_num_seqs=4)
 
 
 def engine_scheduler(llm):

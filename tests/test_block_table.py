@@ -114,10 +114,11 @@ def test_block_table_keeps_each_layer_its_own_blocks(seed):
             table.swap_row(a, b)
             rows[a], rows[b] = rows[b], rows[a]
         num_tokens = np.zeros(8, dtype=np.int64)
+        num_computed = np.zeros(8, dtype=np.int64)
         for row, name in rows.items():
             layout = requests[name]
             start, end = layout.span_start, layout.span_end
-            n = tokens[name]
+            n = num_computed[row] = tokens[name]
             if not layout.targets.ranges:
                 step_tokens = rng.randint(1, 40)
             elif n < start:
@@ -129,7 +130,7 @@ def test_block_table_keeps_each_layer_its_own_blocks(seed):
             tokens[name] = n + step_tokens
             num_tokens[row] = tokens[name]
             table.append_row(allocator.allocate(name, layout, tokens[name]), row)
-        table.assign_pending(num_tokens)
+        table.assign_pending(num_computed, num_tokens)
         table.commit_block_table(8)
         for row, name in rows.items():
             expected = expected_layer_blocks(requests[name].targets, tokens[name])
