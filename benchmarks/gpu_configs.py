@@ -10,6 +10,9 @@ benchmarks/results/gpu_configs.json from the sections' files:
     python -m benchmarks.gpu_configs --models .gpu/models --out DIR --sections fp8,tiny_quality
     python -m benchmarks.gpu_configs --merge DIR... --out benchmarks/results/gpu_configs.json
 
+On a device machine, put DIR under $OUT and tar it there (`tar -czf $OUT/DIR.tgz -C $OUT DIR`):
+a device call brings back a limited number of files, and the rest are left out.
+
 Sections (every engine is a fresh process: `benchmarks.bench`, `benchmarks.exact` or a server):
 - tiny_tp: the tiny random-weight checkpoint in float32 (Triton attention with IEEE float32
   dots, torch.compile + CUDA graphs) at TP=1 and TP=2, each against the float32 reference;
