@@ -6,8 +6,8 @@ Both engines: load_format="dummy" (unless --load-format), the same dtype, gpu_me
 max_model_len, max_num_seqs, max_num_batched_tokens and attention backend. Everything else is
 vLLM's default for the model: the baseline keeps torch.compile, FULL_AND_PIECEWISE CUDA graphs,
 prefix caching and chunked multimodal input; p-MoD gets what pmod_serve.engine_config sets
-(no torch.compile, FULL_DECODE_ONLY graphs; prefix caching on since issue #17, off in the results
-recorded before it). Every request carries its own
+(torch.compile and CUDA graphs except for steps that route visual tokens; prefix caching on since
+issue #17, off in the results recorded before it). Every request carries its own
 image (a fresh seed), so neither the multimodal processor cache nor prefix caching replays work.
 
 Phases (each a fresh batch, timed with the host clock around LLM.generate, plus vLLM's own

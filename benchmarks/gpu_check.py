@@ -349,7 +349,7 @@ def markdown(result: dict) -> str:
         "Same engine settings for both (bf16, load_format=dummy, gpu_memory_utilization 0.90, block size 16, "
         "max_model_len 4096, max_num_seqs 256, max_num_batched_tokens 16384, FlashAttention); the baseline keeps "
         "vLLM's defaults (torch.compile + FULL_AND_PIECEWISE CUDA graphs, prefix caching on); so does p-MoD "
-        "(prefix caching off), except that steps routing visual tokens run eagerly with vLLM's CUDA kernels. "
+        "(prefix caching on since issue 17), except that steps routing visual tokens run eagerly with vLLM's CUDA kernels. "
         "Standard request: one 672x672 image (2928 visual "
         "tokens), a 60-token question, 128 output tokens (ignore_eos).",
         "",
