@@ -917,7 +917,7 @@ def check_k8s(
                 tp = _int(fl.get("--tensor-parallel-size", fl.get("-tp", "1")))
                 pp = _int(fl.get("--pipeline-parallel-size", fl.get("-pp", "1")))
                 # p-MoD refuses pipeline parallelism at start-up (pmod_serve/engine_config.py:
-                # "p-MoD models do not support pipeline parallelism; use tensor parallelism"), and
+                # "p-MoD models do not support pipeline parallelism (--pipeline-parallel-size N)"), and
                 # every supported checkpoint is a p-MoD model. Every occurrence counts (the last
                 # one would win in argparse, but a stray `-pp 2` is a mistake either way).
                 pp_vals = [val for f, val in pairs if f in PP_FLAGS]

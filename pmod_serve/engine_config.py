@@ -46,9 +46,12 @@ class PmodEngineConfig(VerifyAndUpdateConfig):
         parallel_config = vllm_config.parallel_config
 
         if vllm_config.speculative_config is not None:
-            raise ValueError("p-MoD models do not support speculative decoding")
+            raise ValueError("p-MoD models do not support speculative decoding (--speculative-config)")
         if parallel_config.pipeline_parallel_size > 1:
-            raise ValueError("p-MoD models do not support pipeline parallelism; use tensor parallelism")
+            raise ValueError(
+                "p-MoD models do not support pipeline parallelism (--pipeline-parallel-size "
+                f"{parallel_config.pipeline_parallel_size}); use --tensor-parallel-size or --data-parallel-size"
+            )
         if scheduler_config.disable_hybrid_kv_cache_manager:
             raise ValueError(
                 "p-MoD needs vLLM's hybrid KV cache manager: its KV cache spec (the whole decoder in one "
