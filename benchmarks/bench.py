@@ -34,6 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import Timer, make_image, mean, median, vicuna_prompt  # noqa: E402
+from pmod_serve.demo import data_url  # noqa: E402
 
 STANDARD_SIZE = (672, 672)
 MIXED_SIZES = [(672, 672), (336, 672), (1008, 336), (400, 300), (640, 480), (800, 600), (1000, 200), (300, 700)]
@@ -262,7 +263,7 @@ class Bench:
         """One OpenAI-style image chat through vLLM's chat path (template, image_url, detokenised)."""
         image = make_image(640, 480, QUALITY_SEED)
         messages = [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": common.data_url(image)}},
+            {"type": "image_url", "image_url": {"url": data_url(image)}},
             {"type": "text", "text": "What is shown in this image?"}]}]
         from vllm import SamplingParams
 

@@ -35,16 +35,6 @@ def vicuna_prompt(question: str, num_images: int) -> str:
 CHAT_TEMPLATE = Path(__file__).resolve().parents[1] / "model_registry" / "templates" / "vicuna_v1.jinja"
 
 
-def data_url(image: Image.Image) -> str:
-    """An image as an OpenAI `image_url` data URL (PNG)."""
-    import base64
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def make_image(width: int, height: int, seed: int) -> Image.Image:
     """Deterministic structured image (gradients + noise), as tests/conftest.py makes them."""
     rng = np.random.default_rng(seed)

@@ -145,10 +145,13 @@ def _pmod_serve_cli() -> list[str]:
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)$")
 
 
-def scrape(base_url: str, timeout: float = 5.0) -> dict[str, float]:
-    """Prometheus samples of /metrics, summed over label sets (buckets left out)."""
+def metrics_text(base_url: str, timeout: float = 5.0) -> str:
     with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout) as response:
-        text = response.read().decode()
+        return response.read().decode()
+
+
+def summed_samples(text: str) -> dict[str, float]:
+    """Prometheus samples, summed over label sets (buckets left out)."""
     samples: dict[str, float] = {}
     for line in text.splitlines():
         match = _SAMPLE.match(line.strip())
@@ -161,14 +164,14 @@ def scrape(base_url: str, timeout: float = 5.0) -> dict[str, float]:
     return samples
 
 
-def scrape_per_engine(base_url: str, names: tuple[str, ...], timeout: float = 5.0) -> dict[str, dict[str, float]]:
-    """The named series per `engine` label ({engine: {name: value}}): with
-    --data-parallel-size N, each engine core has its own block pool and its own series."""
-    with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout) as response:
-        return series_per_engine(response.read().decode(), names)
+def scrape(base_url: str, timeout: float = 5.0) -> dict[str, float]:
+    """Prometheus samples of /metrics, summed over label sets (buckets left out)."""
+    return summed_samples(metrics_text(base_url, timeout))
 
 
 def series_per_engine(text: str, names: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """The named series per `engine` label ({engine: {name: value}}): with
+    --data-parallel-size N, each engine core has its own block pool and its own series."""
     out: dict[str, dict[str, float]] = {}
     for line in text.splitlines():
         match = _SAMPLE.match(line.strip())
@@ -178,6 +181,14 @@ def series_per_engine(text: str, names: tuple[str, ...]) -> dict[str, dict[str, 
         engine = out.setdefault(labels.get("engine", ""), {})
         engine[match.group(1)] = engine.get(match.group(1), 0.0) + float(match.group(3))
     return out
+
+
+def cache_config_of(text: str) -> dict[str, str]:
+    """Labels of vllm:cache_config_info (num_gpu_blocks, block_size, ...), if exported."""
+    for line in text.splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            return dict(re.findall(r'(\w+)="([^"]*)"', line))
+    return {}
 
 
 # Blocks the p-MoD metrics report against the pool vLLM reports, per engine core.
@@ -228,16 +239,10 @@ def kv_metrics_agree(report: dict, num_engines: int, median_tolerance: float = 0
 
 
 def cache_config_labels(base_url: str) -> dict[str, str]:
-    """Labels of vllm:cache_config_info (num_gpu_blocks, block_size, ...), if exported."""
     try:
-        with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as response:
-            text = response.read().decode()
+        return cache_config_of(metrics_text(base_url))
     except Exception:
         return {}
-    for line in text.splitlines():
-        if line.startswith("vllm:cache_config_info{"):
-            return dict(re.findall(r'(\w+)="([^"]*)"', line))
-    return {}
 
 
 class MetricsPoller:
@@ -256,9 +261,10 @@ class MetricsPoller:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                metrics = scrape(self.base_url, timeout=2)
+                text = metrics_text(self.base_url, timeout=2)
             except Exception:
                 continue
+            metrics = summed_samples(text)
             self.samples += 1
             usage = metrics.get("vllm:kv_cache_usage_perc")
             running = metrics.get("vllm:num_requests_running")
@@ -267,10 +273,7 @@ class MetricsPoller:
             if running is not None:
                 self.peak_running = max(running, self.peak_running or 0.0)
             if "pmod_kv_blocks_in_use" in metrics:
-                try:
-                    self.per_engine.append(scrape_per_engine(self.base_url, BLOCK_SERIES, timeout=2))
-                except Exception:
-                    pass
+                self.per_engine.append(series_per_engine(text, BLOCK_SERIES))
 
     def __enter__(self):
         if self.interval_s > 0:
@@ -327,6 +330,18 @@ def _tail(path: Path, chars: int = 3000) -> str:
         return ""
 
 
+def start_server(cmd: list[str], log_path: Path, cwd: Path) -> subprocess.Popen:
+    """A server in its own session (stopped with its whole group by `_kill_group`, or at exit),
+    with vLLM's default processes, its output in `log_path`."""
+    env = dict(os.environ)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(cwd),
+                                   start_new_session=True)
+    _live.append(process)
+    return process
+
+
 def run_server(engine: str, args, model_dir: Path, deadline: float, result: dict) -> dict:
     """Start the server, run the benchmark runs, stop it. Fills `result` as it goes (so an
     interrupted benchmark still reports what ran)."""
@@ -339,14 +354,9 @@ def run_server(engine: str, args, model_dir: Path, deadline: float, result: dict
     result.update({"model_dir": str(model_dir), "server_command": shlex.join(cmd), "server_log": log_path.name,
                    "runs": {}, "bench_commands": {}})
     _log(f"{engine}: starting {shlex.join(cmd)}")
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     result["gpu_memory_used_mib_at_start"] = wait_gpu_memory_free()
     start = time.monotonic()
-    log = open(log_path, "w")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(out),
-                               start_new_session=True)
-    _live.append(process)
+    process = start_server(cmd, log_path, out)
     try:
         from pmod_serve.demo import wait_healthy
 
@@ -378,7 +388,6 @@ def run_server(engine: str, args, model_dir: Path, deadline: float, result: dict
             pass
     finally:
         _kill_group(process, grace_s=args.stop_grace_s)
-        log.close()
         result["stopped"] = process.poll() is not None
     return result
 
@@ -460,12 +469,17 @@ RATIOS = {
 }
 
 
+def ratio(a, b) -> float | None:
+    """a / b where both are numbers and b is not 0, else None (a run that did not happen)."""
+    return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+
 def ratios(pmod: dict, baseline: dict) -> dict:
     out = {}
     for name, (run, key) in RATIOS.items():
         p = pmod.get("runs", {}).get(run, {}).get(key)
         b = baseline.get("runs", {}).get(run, {}).get(key)
-        out[name] = p / b if isinstance(p, (int, float)) and isinstance(b, (int, float)) and b else None
+        out[name] = ratio(p, b)
     return out
 
 
@@ -519,7 +533,7 @@ def print_table(report: dict) -> None:
     for title, run, key in rows:
         p = report["pmod"].get("runs", {}).get(run, {}).get(key)
         b = report["baseline"].get("runs", {}).get(run, {}).get(key)
-        r = p / b if isinstance(p, (int, float)) and isinstance(b, (int, float)) and b else None
+        r = ratio(p, b)
 
         def fmt(v):
             return "-" if not isinstance(v, (int, float)) else f"{v:.4g}"

@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import write_json
-from benchmarks.e2e_serve import gpu_name, kv_metrics_agree
+from benchmarks.e2e_serve import gpu_name, kv_metrics_agree, ratio
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("tiny_tp", "dp2", "tp2", "fp8", "tiny_quality")
@@ -140,10 +140,6 @@ def bench(out: Path, name: str, engine: str, model_dir: Path, tokenizer: Path, p
 
 def kv_bytes(result: dict) -> float | None:
     return (result.get("kv_one_request") or {}).get("kv_bytes_measured") or None
-
-
-def ratio(a, b) -> float | None:
-    return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,26 +23,27 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from benchmarks.common import data_url, make_image
+from benchmarks.common import make_image
 from benchmarks.e2e_serve import (
     REPO,
     _free_port,
     _kill_group,
-    _live,
     _size,
     gpu_name,
+    ratio,
     scrape,
     server_command,
+    start_server,
     vllm_version,
     wait_gpu_memory_free,
 )
+from pmod_serve.demo import data_url
 
 # The first message's text after the image (~40 tokens, a realistic first question). A p-MoD
 # prefix hit past the image needs the KV block that holds the image's end complete in the shared
@@ -135,9 +136,7 @@ def run_server(engine: str, args, model_dir: Path) -> dict:
     _log(f"{engine}: starting {shlex.join(cmd)}")
     wait_gpu_memory_free()
     start = time.monotonic()
-    process = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=str(args.out),
-                               start_new_session=True)
-    _live.append(process)
+    process = start_server(cmd, log_path, args.out)
     try:
         from pmod_serve.demo import wait_healthy
 
@@ -203,7 +202,7 @@ def main(argv=None) -> int:
     for turn in range(1, args.turns + 1):
         p = report.get("pmod", {}).get("turns", {}).get(f"turn{turn}", {}).get("median_ttft_ms")
         b = report.get("baseline", {}).get("turns", {}).get(f"turn{turn}", {}).get("median_ttft_ms")
-        report["ratios"][f"ttft_turn{turn}"] = p / b if p and b else None
+        report["ratios"][f"ttft_turn{turn}"] = ratio(p, b)
     (args.out / "multiturn.json").write_text(json.dumps(report, indent=1) + "\n")
     _log(f"ratios: {report['ratios']}")
     return 0

@@ -74,6 +74,10 @@ class RequestLayerBlocks:
     cached_up_to: int = 0  # token count the names were last brought up to
     keys: LayerBlockKeys | None = field(default=None, repr=False)
 
+    @classmethod
+    def empty(cls, num_layers: int) -> RequestLayerBlocks:
+        return cls([[] for _ in range(num_layers)], np.zeros(num_layers, dtype=np.int64))
+
 
 class PmodAttentionManager(FullAttentionManager):
     """Lends each request the blocks of all its layers from the one pool.
@@ -152,9 +156,7 @@ class PmodAttentionManager(FullAttentionManager):
             layout = self.layouts[request_id]
             state = self.layer_blocks_of.get(request_id)
             if state is None:
-                state = self.layer_blocks_of[request_id] = RequestLayerBlocks(
-                    [[] for _ in range(layout.num_layers)], np.zeros(layout.num_layers, dtype=np.int64)
-                )
+                state = self.layer_blocks_of[request_id] = RequestLayerBlocks.empty(layout.num_layers)
             layer_block_lists(layout, new_blocks, state.layers, num_tokens)
         return new_blocks
 
@@ -190,7 +192,7 @@ class PmodAttentionManager(FullAttentionManager):
             return
         self.prefix_hits[request_id] = num_local_computed_tokens
         # The hit's blocks: the first allocation, at the hit's token count; all already named.
-        state = RequestLayerBlocks([[] for _ in range(layout.num_layers)], np.zeros(layout.num_layers, dtype=np.int64))
+        state = RequestLayerBlocks.empty(layout.num_layers)
         layer_block_lists(layout, new_computed_blocks, state.layers, num_local_computed_tokens)
         state.cached = np.array([len(blocks) for blocks in state.layers], dtype=np.int64)
         state.cached_up_to = num_local_computed_tokens

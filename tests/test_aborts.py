@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import time
 
@@ -11,11 +9,7 @@ import httpx
 from conftest import make_image
 from prometheus_client.parser import text_string_to_metric_families
 
-
-def data_url(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+from pmod_serve.demo import data_url
 
 
 def engine_state(server) -> dict[str, float]:

@@ -9,9 +9,15 @@ import time
 import httpx
 import pytest
 from conftest import VENV_BIN, ServerProcess, make_image
-from test_aborts import data_url
 
-from benchmarks.e2e_serve import BLOCK_SERIES, kv_metrics_agree, kv_metrics_agreement, series_per_engine
+from benchmarks.e2e_serve import (
+    BLOCK_SERIES,
+    cache_config_of,
+    kv_metrics_agree,
+    kv_metrics_agreement,
+    series_per_engine,
+)
+from pmod_serve.demo import data_url
 
 pytestmark = pytest.mark.engine
 
@@ -50,8 +56,7 @@ def test_each_data_parallel_engine_reports_its_own_pool(tiny_next, tmp_path, mon
             client.join()
 
         metrics = httpx.get(f"{base}/metrics", timeout=30).text
-        blocks_total = next(int(line.split('num_gpu_blocks="')[1].split('"')[0]) for line in metrics.splitlines()
-                            if line.startswith("vllm:cache_config_info{"))
+        blocks_total = int(cache_config_of(metrics)["num_gpu_blocks"])
         # vLLM's load balancer spreads the four requests over both engines: each engine's
         # series follows its own pool (a shared label, or one engine's series, fails this).
         report = kv_metrics_agreement(samples, blocks_total)

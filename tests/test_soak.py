@@ -5,8 +5,6 @@ held, no request is stuck, nothing but the induced aborts failed, and memory is 
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import os
 import random
 import time
@@ -17,16 +15,12 @@ import pytest
 from conftest import make_image
 from test_aborts import wait_idle
 
+from pmod_serve.demo import data_url
+
 pytestmark = pytest.mark.engine  # starts its own engines or servers
 
 SOAK_SECONDS = float(os.environ.get("PMOD_SOAK_SECONDS", "100"))
 CONCURRENCY = 4
-
-
-def data_url(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def tree_rss(pid: int) -> int:
