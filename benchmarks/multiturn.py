@@ -5,9 +5,11 @@ LLaVA-NeXT, both with prefix caching on (vLLM's default for both).
     python -m benchmarks.multiturn --out DIR --tiny --baseline pmod-dense    # CPU plumbing check
 
 Each conversation has one image (its own seed) and a question after `FIRST_TURN_CONTEXT` in the
-first user message; every later turn resends
-the whole conversation, the server's own answers included, with a new question, as chat clients
-do. Streaming chat completions; TTFT is the time from sending the request to the first content
+first user message; every later turn resends the whole conversation with a new question, as chat
+clients do. The assistant turns resent are a fixed answer text of about `--answer-tokens` tokens
+rather than the server's own answers: with dummy weights those are random pieces that
+re-tokenize into several times as many tokens (a 3-turn conversation would outgrow the 4096-token
+context), and a fixed text gives both engines the same prompts. Streaming chat completions; TTFT is the time from sending the request to the first content
 chunk. Conversations run one after the other (concurrency 1), after one warm-up conversation, so
 each TTFT is the server's own. For every request, /metrics deltas: vLLM's prefix-cache queries
 and hits (tokens), prompt tokens, and p-MoD's visual tokens prefilled.
@@ -49,6 +51,9 @@ from pmod_serve.demo import data_url
 # prefix hit past the image needs the KV block that holds the image's end complete in the shared
 # prefix (README, Prefix caching); with a bare 7-token question that block would end in the first
 # answer, whose re-tokenised text need not match the generated ids (it does not with dummy weights).
+FIXED_ANSWER = ("The picture shows a few simple shapes in different colours on a plain background. "
+                "There is a large shape near the centre and a few smaller ones around it, and the "
+                "colours are bright and easy to tell apart.")
 FIRST_TURN_CONTEXT = ("I am going to ask you several questions about this picture, one after the other. "
                       "Please look at every part of it carefully, and keep your answers short and precise.")
 QUESTIONS = ("What is shown in this image?", "Describe the colours you see.", "What is in the top left corner?",
@@ -84,7 +89,8 @@ def stream_chat(base_url: str, body: dict, timeout_s: float = 600) -> dict:
 
 
 def run_conversation(base_url: str, model: str, seed: int, turns: int, image_size: tuple[int, int],
-                     answer_tokens: int, preamble: str = FIRST_TURN_CONTEXT) -> list[dict]:
+                     answer_tokens: int, preamble: str = FIRST_TURN_CONTEXT,
+                     resend_generated: bool = False) -> list[dict]:
     """One conversation; per turn: TTFT, usage and the /metrics counter deltas of its request.
     `preamble`: text before the first question (a longer first turn)."""
     image = make_image(*image_size, seed)
@@ -102,7 +108,10 @@ def run_conversation(base_url: str, model: str, seed: int, turns: int, image_siz
         result = stream_chat(base_url, {"model": model, "messages": messages, "max_tokens": answer_tokens,
                                         "temperature": 0.0, "ignore_eos": True})
         after = scrape(base_url)
-        messages.append({"role": "assistant", "content": result.pop("answer")})
+        answer = result.pop("answer")
+        # Dummy weights answer with random pieces that re-tokenize into several times as many
+        # tokens; resend a fixed answer of about the same length instead (both engines alike).
+        messages.append({"role": "assistant", "content": answer if resend_generated else FIXED_ANSWER})
         result.update({"turn": turn + 1, "deltas": {name: after.get(name, 0.0) - before.get(name, 0.0)
                                                      for name in COUNTERS}})
         records.append(result)
