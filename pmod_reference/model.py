@@ -22,7 +22,7 @@ Conventions the vLLM side must share:
   ``image_token_index`` if it has one, else ``vocab_size`` (one past the vocabulary).
 - ``kv_slots(..., num_generated=n)`` counts the ``n - 1`` tokens fed back after the prompt.
 
-The module tree mirrors the checkpoint's weight names (spec §3), so loading is one strict
+The module tree mirrors the checkpoint's weight names (docs/p-mod.md, "Weight names"), so loading is one strict
 ``load_state_dict``.
 """
 
@@ -46,19 +46,20 @@ from model_registry import (
     CheckpointError,
     Problem,
     check_checkpoint,
+    image_layout_of,
     load_state_dict,
     load_vision_config,
     resolve_vision_tower,
 )
-from pmod_serve.config import PmodSchedule, WeightNorm, kept_target_count
-from pmod_serve.image_processing import (
+from pmod_serve.multimodal.image_processing import preprocess
+from pmod_serve.pmod.image_layout import (
     ImageLayout,
     merge_image_features,
     num_visual_tokens,
-    preprocess,
     target_token_mask,
 )
-from pmod_serve.prompt import IMAGE_MARKER, PromptTokenizer
+from pmod_serve.pmod.schedule import PmodSchedule, WeightNorm, kept_target_count
+from pmod_serve.tokenizers.prompt import IMAGE_MARKER, PromptTokenizer
 
 # Most queries per attention block (LlamaAttention): bounds the score matrix at prefill.
 ATTENTION_QUERY_BLOCK = 256
@@ -445,7 +446,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 # ==================================================================================================
-# The p-MoD layer (spec §2)
+# The p-MoD layer (docs/p-mod.md, "A p-MoD layer at prefill")
 # ==================================================================================================
 
 
@@ -621,7 +622,7 @@ def _read_config(checkpoint_dir: Path) -> dict[str, Any]:
 
 
 class PmodReference:
-    """Greedy p-MoD-LLaVA generation from a released-layout checkpoint directory (spec §3)."""
+    """Greedy p-MoD-LLaVA generation from a released-layout checkpoint directory (docs/p-mod.md, "The released checkpoint layout")."""
 
     def __init__(
         self,
@@ -642,7 +643,7 @@ class PmodReference:
         vision_dir = resolve_vision_tower(self.config["mm_vision_tower"], self.checkpoint_dir)
         vision_config = load_vision_config(vision_dir)
         self.vision_config = ClipVisionConfig.from_dict(vision_config)
-        self.layout = ImageLayout.of_checkpoint(self.config, self.checkpoint_dir)
+        self.layout = image_layout_of(self.config, self.checkpoint_dir)
         # tokenizer.model with the legacy / add_prefix_space settings of tokenizer_config.json
         self.tokenizer = PromptTokenizer.from_checkpoint(self.checkpoint_dir)
         # Placeholder id of a visual token in prompt_token_ids: the config's image_token_index if it
@@ -791,7 +792,7 @@ class PmodReference:
     def kv_slots(self, prompt: str, images: Sequence[Image.Image], num_generated: int) -> list[int]:
         """Token slots each layer's KV cache holds once ``num_generated`` tokens have been sampled.
 
-        Convention (spec §2): a request that has sampled ``n`` tokens has fed ``n - 1`` of them back
+        Convention (docs/p-mod.md, "KV cache of one request"): a request that has sampled ``n`` tokens has fed ``n - 1`` of them back
         (the last one is not in any cache yet), so ``G = max(n - 1, 0)``; each p-MoD layer holds
         ``P - T + trunc(T * ratio) + G`` slots and each ordinary layer ``P + G``. A sequence without
         images is never routed (``T = 0``: every layer holds ``P + G``).

@@ -1,6 +1,6 @@
 """The README demo: serve the trained tiny p-MoD checkpoint on CPU and ask it about an image.
 
-    python -m pmod_serve.demo [--port 8000] [--routing-map pmod-demo-routing-map.png]
+    python -m pmod_serve.entrypoints.demo [--port 8000] [--routing-map pmod-demo-routing-map.png]
 
 Starts `pmod-serve --demo` (the checkpoint `pmod_train` trained on coloured shapes), waits for
 `/health`, asks questions about one picture through the official `openai` client, prints the
@@ -98,7 +98,7 @@ def ask(base_url: str, model: str, image: Image.Image, question: str) -> tuple[s
 def draw_routing_map(image: Image.Image, question: str, out: str) -> str:
     import torch
 
-    from pmod_serve.reference import PmodReference
+    from pmod_reference.model import PmodReference
     from pmod_train import routing_map
     from pmod_train.paths import PMOD_CHECKPOINT
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"[demo] starting pmod-serve --demo on {base_url} (CPU; first start takes a minute or two)")
     server = subprocess.Popen(
-        [sys.executable, "-m", "pmod_serve.server", "--demo", "--port", str(args.port)],
+        [sys.executable, "-m", "pmod_serve.entrypoints.server", "--demo", "--port", str(args.port)],
         stdout=subprocess.DEVNULL if not envs.PMOD_DEMO_VERBOSE else None,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -9,7 +9,7 @@ It is `vllm serve` (the plugin is loaded through its entry point either way) plu
   - `--limit-mm-per-prompt {"image": 4}`;
   - `--shutdown-timeout 30`: on SIGTERM, stop accepting and drain in-flight requests for up to 30 s;
   - options to loosen the media checks that the plugin applies to p-MoD models under plain
-    `vllm serve` too (`pmod_serve.media_guard`: loopback/private addresses refused unless
+    `vllm serve` too (`pmod_serve.multimodal.media_connector`: loopback/private addresses refused unless
     `--media-allow-host` allows them, size cap, no redirects, image header checks);
     `--media-allowed-domain` and `--media-timeout` are spelled as vLLM's own
     `--allowed-media-domains` and `VLLM_IMAGE_FETCH_TIMEOUT`.

@@ -38,7 +38,7 @@ from pmod_serve import envs
 
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics"})
 
-MIDDLEWARE = "pmod_serve.server_guard.ServerGuardMiddleware"
+MIDDLEWARE = "pmod_serve.entrypoints.server_guard.ServerGuardMiddleware"
 
 
 def admin_paths() -> frozenset[str]:

@@ -16,12 +16,12 @@ config), under `pmod-serve` and plain `vllm serve` alike, and for p-MoD models o
    with `AssertionError: Expected a cached item for mm_hash=...` (500). "processor_only" is the
    mode vLLM itself uses when it cannot mirror (several API servers): the API process still
    caches processed images, and always sends the item, so there is no mirror to desynchronise.
-2. Media are loaded through `pmod_serve.media_guard.PmodMediaConnector` (vLLM's media connector
+2. Media are loaded through `pmod_serve.multimodal.media_connector.PmodMediaConnector` (vLLM's media connector
    registry) unless the operator chose a connector with `VLLM_MEDIA_CONNECTOR`.
-3. `pmod_serve.sampling_guard.PmodSamplingGuard` validates sampling parameters that name the
+3. `pmod_serve.v1.sample.logits_processor.PmodSamplingGuard` validates sampling parameters that name the
    image placeholder id (past the model's vocabulary), which vLLM checks against the tokenizer
    only and which would otherwise index the engine's logits masks out of bounds.
-4. The API server gets `pmod_serve.server_guard.ServerGuardMiddleware`: the API key on every route
+4. The API server gets `pmod_serve.entrypoints.server_guard.ServerGuardMiddleware`: the API key on every route
    but health and metrics, admin routes off unless asked for, a request body cap.
 """
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 
-from pmod_serve.engine_config import PmodEngineConfig
+from pmod_serve.model_executor.models.config import PmodEngineConfig
 
 logger = logging.getLogger("vllm.pmod_serve")
 
@@ -55,16 +55,16 @@ def apply_serving_safety(vllm_config) -> None:
         )
         mm_config.mm_processor_cache_type = SAFE_MM_CACHE_TYPE
     use_safe_media_connector()
-    from pmod_serve import sampling_guard
-    from pmod_serve.server_guard import install
+    from pmod_serve.entrypoints.server_guard import install
+    from pmod_serve.v1.sample import logits_processor
 
-    sampling_guard.install(vllm_config.model_config)
+    logits_processor.install(vllm_config.model_config)
 
     install()
 
 
 def use_safe_media_connector() -> None:
-    from pmod_serve.media_guard import CONNECTOR_NAME
+    from pmod_serve.multimodal.media_connector import CONNECTOR_NAME
 
     chosen = os.environ.get("VLLM_MEDIA_CONNECTOR")
     if chosen is None:

@@ -6,7 +6,7 @@ connector named by `VLLM_MEDIA_CONNECTOR` in `vllm.multimodal.media.MEDIA_CONNEC
 (`vllm/entrypoints/chat_utils.py`). Its default, "http", fetches any URL, private addresses
 included (SSRF), follows redirects, and decodes images with no bomb check. The plugin registers
 `PmodMediaConnector` as "pmod" and, for p-MoD models, makes it the default
-(`pmod_serve.serving_config`), so plain `vllm serve <checkpoint>` is protected with no flag:
+(`pmod_serve.entrypoints.serving_config`), so plain `vllm serve <checkpoint>` is protected with no flag:
 
 - http(s) URLs: the host is resolved first and every address it resolves to must be public
   (not loopback, private, link-local, reserved, ...) unless allowed; the connection then goes to

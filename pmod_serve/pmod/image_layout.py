@@ -1,6 +1,9 @@
-"""Image preprocessing and visual-token layout of p-MoD-LLaVA (spec §1, "Image layouts").
+"""Visual-token layout of p-MoD-LLaVA (docs/p-mod.md, "Image layouts"): how many CLIP crops and
+visual tokens an image gets, and how the crops' features become the image's token sequence.
 
-Pure PIL / NumPy / PyTorch: shared by the plain-PyTorch reference and the vLLM multimodal processor.
+No vLLM import (`pmod_serve.pmod`). The pixels (PIL image -> CLIP crops) are
+`pmod_serve.multimodal.image_processing`; a checkpoint's layout, with its CLIP tower's configs, is
+`model_registry.image_layout_of`.
 
 Two layouts matter:
 - ``pad`` (p-MoD-LLaVA-v1.5): the image is expanded to a square and CLIP-preprocessed into one
@@ -20,20 +23,14 @@ import ast
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 # The defaults of openai/clip-vit-large-patch14-336, which both releases use.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# Every resize of the released pipeline is PIL bicubic (the CLIP processor's and PIL's default).
-RESAMPLE = Image.Resampling.BICUBIC
 
 # The released code shrinks a feature map only when it is more than 1% over max_num_patches.
 SHRINK_TOLERANCE = 1.01
@@ -128,19 +125,6 @@ class ImageLayout:
                     "supported (the released p-MoD code only implements 'spatial_unpad')"
                 )
 
-    @classmethod
-    def of_checkpoint(cls, config: Any, checkpoint_dir: str | Path) -> ImageLayout:
-        """The layout of a checkpoint: its config (dict or HF config) with its CLIP tower's
-        preprocessor and vision configs (`mm_vision_tower`, resolved as the model registry does)."""
-        from model_registry.vision_tower import (
-            load_preprocessor_config,
-            load_vision_config,
-            resolve_vision_tower,
-        )
-
-        tower_dir = resolve_vision_tower(_getter(config)("mm_vision_tower"), checkpoint_dir)
-        return cls.from_config(config, load_preprocessor_config(tower_dir), load_vision_config(tower_dir))
-
     @property
     def is_anyres(self) -> bool:
         return self.image_aspect_ratio == "anyres"
@@ -234,7 +218,7 @@ def num_visual_tokens(width: int, height: int, layout: ImageLayout) -> int:
 
 
 def target_token_mask(width: int, height: int, layout: ImageLayout, target_token_type: str) -> torch.Tensor:
-    """Which of one image's visual tokens the p-MoD routers may skip (spec §2, ``mod_target_token_type``).
+    """Which of one image's visual tokens the p-MoD routers may skip (docs/p-mod.md, "Config keys": ``mod_target_token_type``).
 
     ``vision_hr`` spares the 576 base tokens of an anyres image; in every other case (and in the pad
     layout whatever the type says) all visual tokens are targets. Whether text tokens are targets
@@ -244,94 +228,6 @@ def target_token_mask(width: int, height: int, layout: ImageLayout, target_token
     if layout.is_anyres and target_token_type == "vision_hr":
         mask[: layout.tokens_per_crop] = False
     return mask
-
-
-# --------------------------------------------------------------------------------------------------
-# Pixels: PIL image -> CLIP crops
-# --------------------------------------------------------------------------------------------------
-
-
-def clip_preprocess(image: Image.Image, layout: ImageLayout) -> torch.Tensor:
-    """One crop ``[3, crop, crop]`` float32, numerically as HF's (PIL-backed) CLIPImageProcessor:
-    bicubic resize of the shortest edge, centre crop, rescale (in float64), normalise (in float32)."""
-    image = image.convert("RGB") if image.mode != "RGB" else image
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    new_short, new_long = layout.shortest_edge, int(layout.shortest_edge * long / short)
-    new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
-    pixels = np.asarray(image.resize((new_width, new_height), resample=RESAMPLE))  # [H, W, 3] uint8
-    pixels = _center_crop(pixels, layout.crop_size)
-    pixels = (pixels.astype(np.float64) * layout.rescale_factor).astype(np.float32)
-    mean = np.asarray(layout.image_mean, dtype=np.float32)
-    std = np.asarray(layout.image_std, dtype=np.float32)
-    pixels = (pixels - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-
-
-def _center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
-    """HF's centre crop: offset ``(dim - size) // 2``, zero padding if the image is smaller."""
-    height, width = pixels.shape[:2]
-    if height < size or width < size:
-        padded = np.zeros((max(height, size), max(width, size), pixels.shape[2]), dtype=pixels.dtype)
-        top_pad, left_pad = (
-            math.ceil((padded.shape[0] - height) / 2),
-            math.ceil((padded.shape[1] - width) / 2),
-        )
-        padded[top_pad : top_pad + height, left_pad : left_pad + width] = pixels
-        pixels, height, width = padded, padded.shape[0], padded.shape[1]
-    top, left = (height - size) // 2, (width - size) // 2
-    return pixels[top : top + size, left : left + size]
-
-
-def expand_to_square(image: Image.Image, color: tuple[int, int, int]) -> Image.Image:
-    """Paste the image centred on a square canvas of ``color`` (the pad layout)."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    canvas = Image.new(image.mode, (side, side), color)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
-
-
-def letterbox(image: Image.Image, target_width: int, target_height: int) -> Image.Image:
-    """Resize keeping the aspect ratio to fit ``target``, then paste centred on black."""
-    width, height = image.size
-    scale_w, scale_h = target_width / width, target_height / height
-    if scale_w < scale_h:
-        new_width, new_height = target_width, min(math.ceil(height * scale_w), target_height)
-    else:
-        new_width, new_height = min(math.ceil(width * scale_h), target_width), target_height
-    canvas = Image.new("RGB", (target_width, target_height), (0, 0, 0))
-    resized = image.resize((new_width, new_height), resample=RESAMPLE)
-    canvas.paste(resized, ((target_width - new_width) // 2, (target_height - new_height) // 2))
-    return canvas
-
-
-def anyres_crops(image: Image.Image, layout: ImageLayout) -> list[Image.Image]:
-    """Base image (whole image squashed to 336x336) followed by the letterboxed tiles, row-major."""
-    target_width, target_height = best_resolution(*image.size, layout.grid_pinpoints)
-    boxed = letterbox(image, target_width, target_height)
-    side = layout.crop_size
-    tiles = [
-        boxed.crop((left, top, left + side, top + side))
-        for top in range(0, target_height, side)
-        for left in range(0, target_width, side)
-    ]
-    base = image.resize((layout.shortest_edge, layout.shortest_edge), resample=RESAMPLE)
-    return [base, *tiles]
-
-
-def preprocess(image: Image.Image, layout: ImageLayout) -> torch.Tensor:
-    """``[num_crops, 3, 336, 336]`` float32 CLIP input of one image."""
-    image = image.convert("RGB") if image.mode != "RGB" else image
-    if layout.is_anyres:
-        crops = anyres_crops(image, layout)
-    elif layout.image_aspect_ratio == "pad":
-        crops = [expand_to_square(image, layout.pad_color)]
-    else:
-        crops = [image]
-    return torch.stack([clip_preprocess(crop, layout) for crop in crops])
 
 
 def num_crops(width: int, height: int, layout: ImageLayout) -> int:

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from pmod_serve.config import PmodSchedule, kept_target_count
-from pmod_serve.image_processing import ImageLayout
+from pmod_serve.pmod.image_layout import ImageLayout
+from pmod_serve.pmod.schedule import PmodSchedule, kept_target_count
 
 
 @dataclass(frozen=True)
 class TargetPolicy:
-    """Which tokens of a request are routing targets (spec §2, `mod_target_token_type`)."""
+    """Which tokens of a request are routing targets (docs/p-mod.md, "Config keys": `mod_target_token_type`)."""
 
     target_token_type: str
     anyres: bool
@@ -112,6 +112,24 @@ def span_split_error(num_tokens: int, start: int, end: int) -> ValueError:
     )
 
 
+def compacted_counts(
+    num_tokens: Any, skipped: Any, span_start: Any, span_end: Any, skips: Any = True
+) -> np.ndarray:
+    """KV slots a layer holds once `num_tokens` tokens have been fed (docs/p-mod.md, "KV cache of
+    one request"): every token up to the visual span, `num_tokens - skipped` from its end on; a
+    count inside the span is an error (`span_split_error`), unless nothing is skipped (`skips`).
+
+    Broadcasts, so that the KV managers (one request, `skipped[layer]`) and the model runner (a
+    step, `skipped[class, request]` with `[request]` counts and spans) share this one rule."""
+    num_tokens = np.asarray(num_tokens)
+    inside = np.asarray(skips) & (num_tokens > span_start) & (num_tokens < span_end)
+    if inside.any():
+        tokens, start, end, inside = np.broadcast_arrays(num_tokens, span_start, span_end, inside)
+        i = int(np.argmax(inside.ravel()))
+        raise span_split_error(int(tokens.ravel()[i]), int(start.ravel()[i]), int(end.ravel()[i]))
+    return np.where(num_tokens >= span_end, num_tokens - skipped, num_tokens)
+
+
 class RequestKVLayout:
     """How many KV slots and blocks each attention layer holds for one request.
 
@@ -145,9 +163,7 @@ class RequestKVLayout:
         """KV slots of every layer once the first `num_tokens` tokens have been fed."""
         if not self.skips or num_tokens <= self.span_start:
             return np.full(self.num_layers, num_tokens, dtype=np.int64)
-        if num_tokens < self.span_end:
-            raise span_split_error(num_tokens, self.span_start, self.span_end)
-        return num_tokens - self.skipped
+        return compacted_counts(num_tokens, self.skipped, self.span_start, self.span_end)
 
     def total_slots(self, num_tokens: int) -> int:
         """KV slots of all layers together (O(1) outside the visual span)."""

@@ -1,5 +1,5 @@
 """What the model runner tells the model about a step's routing: the one interface between the
-engine hooks (`pmod_serve.runner`) and the model (`pmod_serve.model`), with no vLLM import."""
+engine hooks (`pmod_serve.v1.worker.model_runner`) and the model (`pmod_serve.model_executor.models.pmod_llava`), with no vLLM import."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """p-MoD configuration: parsing the released `mod_*` keys into a per-layer schedule.
 
 Pure Python (plus torch for the float32 arithmetic the released code uses), shared by the
-plain-PyTorch reference, the vLLM model, the KV-cache manager and the model registry. Spec §2.
+plain-PyTorch reference, the vLLM model, the KV-cache manager and the model registry. docs/p-mod.md, "Config keys" and "Progressive ratio decay".
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class PmodConfigError(ValueError):
 
 @dataclass(frozen=True)
 class WeightNorm:
-    """Router weight normalisation `w = scale * f(z) + bias` (spec §2, TanhNorm)."""
+    """Router weight normalisation `w = scale * f(z) + bias` (docs/p-mod.md, "A p-MoD layer at prefill", step 2, TanhNorm)."""
 
     kind: str
     scale: float
@@ -108,8 +108,9 @@ def retention_ratios(target_layers: str, router_factor: float, num_layers: int) 
 def kept_target_count(num_targets: int, retention_ratio: float) -> int:
     """`trunc(T * ratio)` the way the released code computes it: an int32 tensor times a Python
     float, i.e. in float32. At T=2365 and layer 10's ratio (0.76448200...) the float32 product
-    rounds to 1808.0 while float64 gives 1807.9999 -> 1807 (the spec's example has the two
-    swapped; the mechanism it names, float32, is what is implemented and tested).
+    rounds to 1808.0 while float64 gives 1807.9999 -> 1807 (docs/p-mod.md, "A p-MoD layer at
+    prefill", step 3; the task spec this project started from, ../shared/spec/p-mod.md, has the
+    two swapped, while naming float32 as the mechanism, which is what is implemented and tested).
 
     Memoised: the KV managers ask for it per request, per layer group and per scheduler step, and
     one tensor round trip costs ~8 us."""
@@ -168,7 +169,7 @@ class PmodSchedule:
         return layer in self.retention_ratio
 
     def kv_slots(self, num_prompt: int, num_targets: int, num_fed_after_prompt: int) -> list[int]:
-        """Token slots each layer's KV cache holds (spec §2, KV cache per request)."""
+        """Token slots each layer's KV cache holds (docs/p-mod.md, "KV cache of one request")."""
         slots = []
         for layer in range(self.num_layers):
             if layer in self.retention_ratio:

@@ -7,7 +7,7 @@ clear 400, before it enters the engine.
 
 The check runs before the multimodal processor: the processor records each image in vLLM's
 processor cache, and a request refused after that must not leave a record behind (see
-`pmod_serve.serving_config`). It is repeated on the processed prompt as a safety net.
+`pmod_serve.entrypoints.serving_config`). It is repeated on the processed prompt as a safety net.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """vLLM tokenizer mode `pmod`: the checkpoint's HF tokenizer, encoding as the released slow one.
 
 transformers 5 only offers the fast (tokenizers-backed) LLaMA tokenizer, which encodes prompt
-pieces differently from the slow SentencePiece tokenizer the checkpoints were trained with (spec
-§1, Prompts). This mode keeps the HF tokenizer for everything else (vocabulary, decoding, chat
+pieces differently from the slow SentencePiece tokenizer the checkpoints were trained with
+(docs/p-mod.md, "Prompts"). This mode keeps the HF tokenizer for everything else (vocabulary, decoding, chat
 templates) and routes encoding through `PromptTokenizer`. `<image>` becomes one placeholder token
 just past the text vocabulary, which the multimodal processor expands into the image's visual
 tokens.
@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, BatchEncoding
 from vllm.tokenizers.hf import CachedHfTokenizer, get_cached_tokenizer
 
-from pmod_serve.prompt import (
+from pmod_serve.tokenizers.prompt import (
     IMAGE_MARKER,
     PromptTokenizer,
     read_tokenizer_config,

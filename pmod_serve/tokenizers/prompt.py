@@ -1,4 +1,4 @@
-"""Prompt tokenisation of p-MoD-LLaVA, as the released code does it (spec §1, "Prompts").
+"""Prompt tokenisation of p-MoD-LLaVA, as the released code does it (docs/p-mod.md, "Prompts").
 
 The released code tokenises with the *slow* SentencePiece ``LlamaTokenizer`` of transformers 4: the
 prompt is split at every literal ``<image>``, each chunk is tokenised on its own (BOS kept only on

@@ -1,16 +1,17 @@
-"""Engine settings p-MoD models need, applied through vLLM's per-architecture config hook.
+"""Engine settings p-MoD models need, applied through vLLM's per-architecture config hook (the
+`VerifyAndUpdateConfig` classes of `vllm/model_executor/models/config.py`, hence this module's place).
 
 vLLM calls `PmodEngineConfig` for `PmodLlavaLlamaForCausalLM` only, so other models served by
 the same installation are untouched. What it switches, and why:
 
-- tokenizer mode `pmod`: the released slow-tokenizer encoding (pmod_serve.tokenizer);
+- tokenizer mode `pmod`: the released slow-tokenizer encoding (pmod_serve.tokenizers.pmod);
 - the p-MoD worker and scheduler: per-layer compacted KV in one KV cache group, one-step visual prefill;
 - prefix caching stays as vLLM sets it (on by default): compacted layer blocks are named by
-  their content per layer (pmod_serve.prefix_cache), so hits are exact;
+  their content per layer (pmod_serve.v1.core.prefix_cache), so hits are exact;
 - `max_num_batched_tokens >= max_model_len`: a request's visual tokens must fit in one step;
 - torch.compile and CUDA graphs as vLLM sets them, except for steps that route visual tokens
   (top-k, gathers of a data-dependent size): those run eagerly, with vLLM's CUDA kernels for its
-  custom ops (pmod_serve.model sets vLLM's `skip_compiled`, pmod_serve.runner forces eager
+  custom ops (pmod_serve.model_executor.models.pmod_llava sets vLLM's `skip_compiled`, pmod_serve.v1.worker.model_runner forces eager
   execution). On CPUs everything runs eagerly.
 - speculative decoding and pipeline parallelism are refused.
 """
@@ -21,7 +22,7 @@ import logging
 
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-from pmod_serve.tokenizer import TOKENIZER_MODE
+from pmod_serve.tokenizers.pmod import TOKENIZER_MODE
 
 logger = logging.getLogger("vllm.pmod_serve")  # shown with vLLM's log configuration
 
@@ -72,12 +73,12 @@ class PmodEngineConfig(VerifyAndUpdateConfig):
             )
 
         if scheduler_config.scheduler_cls is None:
-            scheduler_config.scheduler_cls = "pmod_serve.scheduler.make_pmod_scheduler"
+            scheduler_config.scheduler_cls = "pmod_serve.v1.core.sched.scheduler.make_pmod_scheduler"
         if parallel_config.worker_cls == "auto":
             parallel_config.worker_cls = (
-                "pmod_serve.cpu_worker.PmodCPUWorker"
+                "pmod_serve.v1.worker.cpu_worker.PmodCPUWorker"
                 if current_platform.is_cpu()
-                else "pmod_serve.worker.PmodGPUWorker"
+                else "pmod_serve.v1.worker.gpu_worker.PmodGPUWorker"
             )
 
         if current_platform.is_cpu():
@@ -91,4 +92,4 @@ class PmodEngineConfig(VerifyAndUpdateConfig):
             vllm_config.compilation_config.mode = CompilationMode.NONE
         # On GPUs vLLM's defaults stand: torch.compile and CUDA graphs (full graphs for decode
         # batches, piecewise ones for other batches) for every step that routes nothing; a step
-        # that routes visual tokens runs eagerly (pmod_serve.model, pmod_serve.runner).
+        # that routes visual tokens runs eagerly (pmod_serve.model_executor.models.pmod_llava, pmod_serve.v1.worker.model_runner).

@@ -3,7 +3,7 @@
 LLaVA with a LLaMA decoder whose deeper layers are Mixture-of-Depths layers: each one runs only
 on a request's text tokens plus the top-k of its visual tokens, k shrinking layer by layer
 (progressive ratio decay). Skipped tokens are re-weighted and carried on (STRing), and only the
-tokens a layer processed enter its KV cache. The runner (`pmod_serve.runner`) gives every p-MoD
+tokens a layer processed enter its KV cache. The runner (`pmod_serve.v1.worker.model_runner`) gives every p-MoD
 layer a compacted KV index space and tells the model which batch tokens are routing targets.
 
 Reads top-down:
@@ -54,11 +54,12 @@ from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
-from model_registry import resolve_vision_tower
-from pmod_serve.config import PmodSchedule, WeightNorm, kept_target_count
-from pmod_serve.image_processing import ImageLayout, merge_image_features, num_visual_tokens, preprocess
-from pmod_serve.prompt import IMAGE_MARKER
-from pmod_serve.routing import PmodRouting
+from model_registry import image_layout_of, resolve_vision_tower
+from pmod_serve.multimodal.image_processing import preprocess
+from pmod_serve.pmod.image_layout import ImageLayout, merge_image_features, num_visual_tokens
+from pmod_serve.pmod.routing import PmodRouting
+from pmod_serve.pmod.schedule import PmodSchedule, WeightNorm, kept_target_count
+from pmod_serve.tokenizers.prompt import IMAGE_MARKER
 
 # ---------------------------------------------------------------------------------------------
 # 1. Multimodal processing
@@ -71,11 +72,11 @@ class PmodProcessingInfo(BaseProcessingInfo):
 
     @cached_property
     def image_layout(self) -> ImageLayout:
-        return ImageLayout.of_checkpoint(self.get_hf_config(), self.ctx.model_config.model)
+        return image_layout_of(self.get_hf_config(), self.ctx.model_config.model)
 
     @property
     def image_token_id(self) -> int:
-        # One past the text vocabulary; `pmod_serve.tokenizer` maps `<image>` to it.
+        # One past the text vocabulary; `pmod_serve.tokenizers.pmod` maps `<image>` to it.
         return self.get_hf_config().vocab_size
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
@@ -103,7 +104,7 @@ class PmodDummyInputsBuilder(BaseDummyInputsBuilder[PmodProcessingInfo]):
 
 
 class PmodMultiModalProcessor(BaseMultiModalProcessor[PmodProcessingInfo]):
-    """Images are preprocessed by `pmod_serve.image_processing` (no HF processor exists for the
+    """Images are preprocessed by `pmod_serve.multimodal.image_processing` (no HF processor exists for the
     LLaVA layout); each `<image>` placeholder is then expanded to the image's visual tokens."""
 
     def _call_hf_processor(self, prompt: str, mm_data: Mapping[str, object],
@@ -192,7 +193,7 @@ class PmodRouter(nn.Module):
 
 
 class PmodDecoderLayer(nn.Module):
-    """A LLaMA decoder layer that processes only the kept tokens (spec §2)."""
+    """A LLaMA decoder layer that processes only the kept tokens (docs/p-mod.md, "A p-MoD layer at prefill")."""
 
     def __init__(self, vllm_config: VllmConfig, retention_ratio: float, weight_norm: WeightNorm,
                  router_bias: bool, prefix: str) -> None:
@@ -354,7 +355,7 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
 
         vision_dir = resolve_vision_tower(config.mm_vision_tower, vllm_config.model_config.model)
         vision_config = CLIPVisionConfig.from_pretrained(vision_dir)
-        self.layout = ImageLayout.of_checkpoint(config, vllm_config.model_config.model)
+        self.layout = image_layout_of(config, vllm_config.model_config.model)
         if config.mm_vision_select_feature != "patch":
             raise ValueError(f"mm_vision_select_feature={config.mm_vision_select_feature!r} is not supported")
         # hidden_states[select_layer] of HF CLIP = the output of that many encoder layers.
@@ -423,7 +424,7 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
 
     # -- weights -----------------------------------------------------------------------------
 
-    # Released LLaVA names (spec §3) -> this module's names; the decoder's q/k/v and gate/up
+    # Released LLaVA names (docs/p-mod.md, "Weight names") -> this module's names; the decoder's q/k/v and gate/up
     # projections load into vLLM's fused ones (LLaMA's own mapping), CLIP's through its loader.
     hf_to_vllm_mapper = (
         WeightsMapper(

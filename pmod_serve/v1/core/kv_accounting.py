@@ -1,7 +1,7 @@
 """What the KV cache really holds, read from the scheduler's block tables.
 
-Used by the metrics (pmod_serve.metrics) and by the tests that check them. A "layer-block" is
-one block of one layer: the p-MoD pool lends single-layer blocks (pmod_serve.kv_manager), so a
+Used by the metrics (pmod_serve.v1.metrics.prometheus) and by the tests that check them. A "layer-block" is
+one block of one layer: the p-MoD pool lends single-layer blocks (pmod_serve.v1.core.kv_cache_manager), so a
 request's block list holds its layer-blocks, all layers together.
 """
 
@@ -52,7 +52,7 @@ def request_kv(scheduler, request) -> RequestKV | None:
         return None
     layout = manager.layouts.get(request_id)
     num_layers = len(manager.layer_ratios)
-    # Tokens with a slot in an ordinary layer: everything fed so far (spec §2: P + G).
+    # Tokens with a slot in an ordinary layer: everything fed so far (docs/p-mod.md, "KV cache of one request": P + G).
     num_tokens = request.num_computed_tokens
     slots = layout.total_slots(num_tokens) if layout is not None else num_tokens * num_layers
     dense_blocks = cdiv(num_tokens, manager.block_size) * num_layers

@@ -12,9 +12,9 @@ step (vLLM issues #49472, #51742). Instead, the whole decoder is one group here:
 - `PmodAttentionManager` lends a request, from that one pool, the blocks of all its layers
   together: `RequestKVLayout.total_blocks` (each layer `ceil(slots / block_size)`, a skipped
   visual token never takes a slot). The model runner splits the request's block list back into
-  per-layer block tables (`pmod_serve.block_table`).
+  per-layer block tables (`pmod_serve.v1.worker.block_table`).
 
-Prefix caching (`pmod_serve.prefix_cache`): the manager names each full layer block by its
+Prefix caching (`pmod_serve.v1.core.prefix_cache`): the manager names each full layer block by its
 content, finds a request's exact hit, and lends the hit's shared blocks as the request's first
 allocation. `PmodKVCacheManager` routes vLLM's hit lookup here, since that lookup needs the
 request (its visual span), which vLLM's per-group lookup does not get.
@@ -33,8 +33,8 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from pmod_serve.kv_layout import RequestKVLayout, RequestTargets
-from pmod_serve.prefix_cache import LayerBlockKeys, find_prefix_hit, layer_block_lists
+from pmod_serve.pmod.kv_layout import RequestKVLayout, RequestTargets
+from pmod_serve.v1.core.prefix_cache import LayerBlockKeys, find_prefix_hit, layer_block_lists
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,7 +111,7 @@ class PmodAttentionManager(FullAttentionManager):
         layout = self.layouts.get(request_id)
         if layout is None:
             raise RuntimeError(
-                "PmodAttentionManager needs the p-MoD scheduler (pmod_serve.scheduler) to register "
+                "PmodAttentionManager needs the p-MoD scheduler (pmod_serve.v1.core.sched.scheduler) to register "
                 f"request {request_id}; was scheduler_cls overridden?"
             )
         return layout

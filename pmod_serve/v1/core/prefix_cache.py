@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from pmod_serve.kv_layout import RequestKVLayout
+from pmod_serve.pmod.kv_layout import RequestKVLayout
 
 
 class LayerBlockKeys:

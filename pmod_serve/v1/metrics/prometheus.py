@@ -1,7 +1,7 @@
 """Prometheus metrics of what the KV cache really holds, from the scheduler to `/metrics`.
 
 The numbers are read from the KV managers' block tables in the engine-core process
-(`pmod_serve.kv_accounting`), but `/metrics` is served by the API server process(es). They
+(`pmod_serve.v1.core.kv_accounting`), but `/metrics` is served by the API server process(es). They
 travel the way vLLM's own metrics do with several API servers: as Prometheus multiprocess
 files. The scheduler writes them with `prometheus_client`'s mmap storage; then
 

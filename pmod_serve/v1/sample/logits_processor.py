@@ -24,9 +24,9 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from pmod_serve import envs
-from pmod_serve.prompt import IMAGE_MARKER
+from pmod_serve.tokenizers.prompt import IMAGE_MARKER
 
-FQCN = "pmod_serve.sampling_guard:PmodSamplingGuard"
+FQCN = "pmod_serve.v1.sample.logits_processor:PmodSamplingGuard"
 VOCAB_ENV = "PMOD_MODEL_VOCAB_SIZE"
 
 

@@ -1,7 +1,7 @@
 """The model runner's per-layer block tables of a p-MoD stack, behind vLLM's `BlockTable` API.
 
 The scheduler lends each request one list of single-layer blocks for all its layers
-(`pmod_serve.kv_manager`). vLLM's input batch hands the runner that list, row by row, through
+(`pmod_serve.v1.core.kv_cache_manager`). vLLM's input batch hands the runner that list, row by row, through
 the `BlockTable` interface (`add_row`, `append_row`, `move_row`, `swap_row`, `clear_row`,
 `commit_block_table`); this class keeps, instead of one row per request, one row per request
 *and layer* in a stacked `[layer, request, block]` table, so every layer's attention reads its
@@ -25,7 +25,7 @@ import torch
 from vllm.v1.utils import CpuGpuBuffer
 from vllm.v1.worker.block_table import BlockTable
 
-from pmod_serve.kv_layout import RequestKVLayout
+from pmod_serve.pmod.kv_layout import RequestKVLayout
 
 
 class PmodBlockTable(BlockTable):

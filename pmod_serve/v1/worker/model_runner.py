@@ -8,7 +8,7 @@ decided inside it, and that changes no slot. RoPE uses the original positions (a
 before caching), so attention over the compacted sequence is attention over the kept tokens,
 and every attention backend runs unchanged.
 
-The whole decoder is one KV cache group (`pmod_serve.kv_manager`). Per step, with host work
+The whole decoder is one KV cache group (`pmod_serve.v1.core.kv_cache_manager`). Per step, with host work
 that does not grow with the number of layers or retention ratios:
 - new blocks go to their layers (`PmodBlockTable.assign_pending`), and the stacked
   `[layer, request, block]` table reaches the device in one copy;
@@ -42,17 +42,18 @@ import torch
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.utils.platform_utils import is_pin_memory_available
 from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backends.utils import NULL_BLOCK_ID  # padded CUDA-graph rows point there
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.utils import CpuGpuBuffer
 
-from pmod_serve.block_table import PmodBlockTable
-from pmod_serve.config import PmodSchedule
-from pmod_serve.kv_layout import RequestKVLayout, TargetPolicy, span_split_error
-from pmod_serve.kv_manager import PmodAttentionSpec, register_kv_cache_spec
-from pmod_serve.routing import PmodRouting
+from pmod_serve.pmod.kv_layout import RequestKVLayout, TargetPolicy, compacted_counts
+from pmod_serve.pmod.routing import PmodRouting
+from pmod_serve.pmod.schedule import PmodSchedule
+from pmod_serve.v1.core.kv_cache_manager import PmodAttentionSpec, register_kv_cache_spec
+from pmod_serve.v1.worker.block_table import PmodBlockTable
 
-# vLLM's block id 0 is the pool's null block: padded rows of a CUDA-graph batch point there.
-NULL_BLOCK_ID = 0
+# Both workers refuse vLLM's V2 model runner: every override here is a V1 runner method.
+V1_RUNNER_REQUIRED = "p-MoD needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0"
 
 # Steps of at most this many tokens get their slot mappings from the host (see _pmod_slot_mapping).
 HOST_SLOT_MAPPING_MAX_TOKENS = 512
@@ -333,11 +334,7 @@ class PmodRunnerMixin:
         span_start, span_end = table.row_span[:num_reqs, 0], table.row_span[:num_reqs, 1]
 
         def compacted(num_tokens: np.ndarray) -> np.ndarray:
-            inside = table.row_skips[:num_reqs] & (num_tokens > span_start) & (num_tokens < span_end)
-            if inside.any():
-                i = int(np.argmax(inside))
-                raise span_split_error(int(num_tokens[i]), int(span_start[i]), int(span_end[i]))
-            return np.where(num_tokens >= span_end, num_tokens - skipped, num_tokens)
+            return compacted_counts(num_tokens, skipped, span_start, span_end, table.row_skips[:num_reqs])
 
         start = compacted(num_computed)
         end = compacted(num_computed + num_sched)

@@ -14,11 +14,11 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
-from pmod_serve.image_processing import ImageLayout
-from pmod_serve.kv_accounting import kv_usage, request_kv
-from pmod_serve.kv_layout import RequestTargets, TargetPolicy
-from pmod_serve.kv_manager import PmodAttentionManager, PmodKVCacheManager
-from pmod_serve.metrics import KVMetricsWriter
+from model_registry import image_layout_of
+from pmod_serve.pmod.kv_layout import RequestTargets, TargetPolicy
+from pmod_serve.v1.core.kv_accounting import kv_usage, request_kv
+from pmod_serve.v1.core.kv_cache_manager import PmodAttentionManager, PmodKVCacheManager
+from pmod_serve.v1.metrics.prometheus import KVMetricsWriter
 
 # Block-table gauges are recomputed at most this often (seconds), and whenever the engine idles.
 USAGE_PUBLISH_INTERVAL = 0.05
@@ -28,7 +28,7 @@ class PmodSchedulerMixin:
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         model_config = self.vllm_config.model_config
-        layout = ImageLayout.of_checkpoint(model_config.hf_config, model_config.model)
+        layout = image_layout_of(model_config.hf_config, model_config.model)
         self.target_policy = TargetPolicy.from_config(model_config.hf_config, layout)
         self.request_targets: dict[str, RequestTargets] = {}
         managers = self.kv_cache_manager.coordinator.single_type_managers
