@@ -13,12 +13,12 @@
 from __future__ import annotations
 
 import ast
+import re
 from collections import defaultdict
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pytest
-import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 FIRST_PARTY = ("pmod_serve", "pmod_reference", "model_registry", "pmod_train", "loadtests", "benchmarks", "tests")
@@ -209,8 +209,10 @@ def test_the_reference_and_what_it_imports_are_free_of_vllm():
 
 
 def _wheel_packages() -> list[str]:
-    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    return sorted({name.split(".")[0] for name in MODULES for pattern in find["include"] if fnmatchcase(name, pattern)})
+    # pyproject's [tool.setuptools.packages.find] include list (no tomllib: Python 3.10 is supported).
+    section = re.search(r"^\[tool\.setuptools\.packages\.find\]\n(.*?)(?=^\[)", (REPO / "pyproject.toml").read_text(), re.M | re.S)
+    include = re.findall(r'"([^"]+)"', re.search(r"^include\s*=\s*\[(.*?)\]", section.group(1), re.M | re.S).group(1))
+    return sorted({name.split(".")[0] for name in MODULES for pattern in include if fnmatchcase(name, pattern)})
 
 
 def test_the_wheel_leaves_the_reference_out():
@@ -241,8 +243,6 @@ def _tracked_text_files() -> list[Path]:
 
 def test_spec_citations_name_existing_headings_of_docs_p_mod():
     """Code cites docs/p-mod.md by heading (`docs/p-mod.md, "Image layouts"`), never as "spec §N"."""
-    import re
-
     headings = {m.group(1).strip() for m in re.finditer(r"^#{2,3} (.+)$", (REPO / "docs" / "p-mod.md").read_text(), re.M)}
     assert {"Image layouts", "Prompts", "Config keys", "KV cache of one request", "Weight names"} <= headings
     cite = re.compile(r'docs/p-mod\.md(?:,\s*|\s*\(\s*)"([^"]+)"(?:\s+and\s+"([^"]+)")?')
