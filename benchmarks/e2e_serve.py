@@ -135,7 +135,7 @@ def _vllm_cli() -> list[str]:
 
 def _pmod_serve_cli() -> list[str]:
     script = Path(sys.executable).parent / "pmod-serve"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "pmod_serve.server"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pmod_serve.entrypoints.server"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ def run_server(engine: str, args, model_dir: Path, deadline: float, result: dict
     start = time.monotonic()
     process = start_server(cmd, log_path, out)
     try:
-        from pmod_serve.demo import wait_healthy
+        from pmod_serve.entrypoints.demo import wait_healthy
 
         try:
             wait_healthy(base_url, process, max(1.0, min(args.server_timeout_s, deadline - time.monotonic())))

@@ -1,5 +1,5 @@
 """One configuration of the GPU exactness suite: the vLLM p-MoD engine against the plain-PyTorch
-reference (pmod_serve.reference, float32 on the CPU), on the tiny random-weight checkpoints of the
+reference (pmod_reference.model, float32 on the CPU), on the tiny random-weight checkpoints of the
 CPU tests.
 
     python -m benchmarks.exact --checkpoint DIR --variant next|v15 --dtype float32|bfloat16
@@ -125,7 +125,7 @@ def noise_floor(checkpoint: Path, variant: str) -> dict:
     engine's bf16 deviation is judged."""
     import torch
 
-    from pmod_serve.reference import PmodReference
+    from pmod_reference.model import PmodReference
 
     r32 = PmodReference(checkpoint, dtype=torch.float32)
     r16 = PmodReference(checkpoint, dtype=torch.bfloat16)
@@ -192,7 +192,7 @@ def main() -> None:
 
     import torch
 
-    from pmod_serve.reference import PmodReference
+    from pmod_reference.model import PmodReference
 
     result = {"name": args.name, "argv": sys.argv, "checkpoint": str(args.checkpoint), "dtype": args.dtype,
               "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager,

@@ -86,7 +86,7 @@ try:
     info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 except Exception as exc:
     info["gpu"] = repr(exc)
-for mod in ("vllm.model_executor.models.llava_next", "pmod_serve.model", "vllm.vllm_flash_attn"):
+for mod in ("vllm.model_executor.models.llava_next", "pmod_serve.model_executor.models.pmod_llava", "vllm.vllm_flash_attn"):
     try:
         importlib.import_module(mod); info[mod] = "ok"
     except Exception as exc:
@@ -190,7 +190,7 @@ def part_bench(engine: str, out: Path, models: Path, tiny: bool, extra: list[str
 def kv_bytes_theory(prompt_tokens: int, num_targets: int, fed: int, kv_cache: dict, compacted: bool) -> float:
     """Bytes of the KV blocks a request holds (block accounting of the engine's own layout): every
     layer ceil(slots / block size) pages; a p-MoD layer's slots leave out its skipped targets."""
-    from pmod_serve.config import kept_target_count
+    from pmod_serve.pmod.schedule import kept_target_count
 
     total = 0
     for group in kv_cache["groups"]:

@@ -190,7 +190,7 @@ def write_llava_next_hf_dir(out_dir: Path, tokenizer_src: Path, tiny: bool = Fal
 
 
 # shiftedcos: r_i = cos(i*pi/31)/2 + factor >= factor - 1/2; with factor 2 every r_i >= 1.5 exceeds
-# the release's max ratio (0.85), so the schedule selects no layer (spec §2, PRD).
+# the release's max ratio (0.85), so the schedule selects no layer (docs/p-mod.md, "Progressive ratio decay").
 DENSE_TWIN_ROUTER_FACTOR = 2.0
 
 
@@ -201,7 +201,7 @@ def write_dense_twin(checkpoint: Path, out_dir: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from pmod_serve.config import PmodSchedule
+    from pmod_serve.pmod.schedule import PmodSchedule
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     stamp = {"source": str(checkpoint.resolve()),

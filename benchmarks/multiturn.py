@@ -45,7 +45,7 @@ from benchmarks.e2e_serve import (
     vllm_version,
     wait_gpu_memory_free,
 )
-from pmod_serve.demo import data_url
+from pmod_serve.entrypoints.demo import data_url
 
 # The first message's text after the image (~40 tokens, a realistic first question). A p-MoD
 # prefix hit past the image needs the KV block that holds the image's end complete in the shared
@@ -147,7 +147,7 @@ def run_server(engine: str, args, model_dir: Path) -> dict:
     start = time.monotonic()
     process = start_server(cmd, log_path, args.out)
     try:
-        from pmod_serve.demo import wait_healthy
+        from pmod_serve.entrypoints.demo import wait_healthy
 
         wait_healthy(base_url, process, args.server_timeout_s)
         result["startup_s"] = time.monotonic() - start

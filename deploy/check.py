@@ -60,7 +60,7 @@ PP_FLAGS = ("--pipeline-parallel-size", "-pp")
 REQUIRED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 PLUGIN_ENTRY_POINT = ("vllm.general_plugins", "pmod", "pmod_serve.plugin:register")
 CONSOLE_SCRIPT = ("pmod-serve",)
-# The entrypoint execs `pmod-serve <checkpoint> --port 8000 [flags]` (pmod_serve/server.py): it accepts
+# The entrypoint execs `pmod-serve <checkpoint> --port 8000 [flags]` (pmod_serve/entrypoints/server.py): it accepts
 # every `vllm serve` flag plus these options of its own (manifest args may use either).
 PMOD_SERVE_FLAGS = ("--media-allow-host", "--media-allowed-domain", "--media-max-bytes", "--media-timeout")
 # pmod-serve's default --shutdown-timeout (SIGTERM drains in-flight requests for up to this long).
@@ -916,7 +916,7 @@ def check_k8s(
                 )
                 tp = _int(fl.get("--tensor-parallel-size", fl.get("-tp", "1")))
                 pp = _int(fl.get("--pipeline-parallel-size", fl.get("-pp", "1")))
-                # p-MoD refuses pipeline parallelism at start-up (pmod_serve/engine_config.py:
+                # p-MoD refuses pipeline parallelism at start-up (pmod_serve/model_executor/models/config.py:
                 # "p-MoD models do not support pipeline parallelism (--pipeline-parallel-size N)"), and
                 # every supported checkpoint is a p-MoD model. Every occurrence counts (the last
                 # one would win in argparse, but a stray `-pp 2` is a mistake either way).
@@ -1629,7 +1629,7 @@ def check_entrypoint(root: Path, tools: Tools, dockerfile: DockerfileInfo | None
     )
 
     # pmod-serve (the exec'd console script) really defines the options manifests may use
-    server_py = root / "pmod_serve" / "server.py"
+    server_py = root / "pmod_serve" / "entrypoints" / "server.py"
     defined: set[str] = set()
     if server_py.is_file():
         for node in ast.walk(ast.parse(server_py.read_text(), str(server_py))):
@@ -1638,7 +1638,7 @@ def check_entrypoint(root: Path, tools: Tools, dockerfile: DockerfileInfo | None
     rep.check(
         set(PMOD_SERVE_FLAGS) <= defined,
         s,
-        f"pmod_serve/server.py defines the pmod-serve options {', '.join(PMOD_SERVE_FLAGS)}",
+        f"pmod_serve/entrypoints/server.py defines the pmod-serve options {', '.join(PMOD_SERVE_FLAGS)}",
         f"missing {sorted(set(PMOD_SERVE_FLAGS) - defined)}",
     )
 

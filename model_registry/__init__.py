@@ -13,6 +13,7 @@ from model_registry.checkpoint import check_checkpoint, expected_weight_shapes, 
 from model_registry.errors import CheckpointError, ConfigError, Problem
 from model_registry.vision_tower import (
     VisionTowerError,
+    image_layout_of,
     load_preprocessor_config,
     load_vision_config,
     resolve_vision_tower,
@@ -46,6 +47,7 @@ __all__ = [
     "check_checkpoint",
     "expected_weight_shapes",
     "full_size_config",
+    "image_layout_of",
     "load_preprocessor_config",
     "load_state_dict",
     "load_vision_config",

@@ -1,6 +1,6 @@
 """The catalogue of supported p-MoD checkpoints and the validation of their config.json.
 
-Spec §3 lists the keys a released checkpoint's config.json holds; `CatalogEntry.released_config`
+docs/p-mod.md, "config.json", lists the keys a released checkpoint's config.json holds; `CatalogEntry.released_config`
 holds the values of the two releases, `validate_config` checks any config (a release, a tiny test
 checkpoint or a user's fine-tune) for what this project can serve.
 """
@@ -16,16 +16,16 @@ from types import MappingProxyType
 from typing import Any
 
 from model_registry.errors import ConfigError, Problem
-from pmod_serve.config import (
+from pmod_serve.pmod.schedule import (
     TARGET_TOKEN_TYPES,
     PmodConfigError,
     PmodSchedule,
     WeightNorm,
     retention_ratios,
 )
+from pmod_serve.transformers_utils.configs.pmod_llava import PMOD_ARCHITECTURE as ARCHITECTURE
+from pmod_serve.transformers_utils.configs.pmod_llava import PMOD_MODEL_TYPE as MODEL_TYPE
 
-MODEL_TYPE = "pmod_llava_llama"
-ARCHITECTURE = "PmodLlavaLlamaForCausalLM"
 CLIP_VIT_L_336 = "openai/clip-vit-large-patch14-336"
 
 # LLaVA-NeXT's AnyRes grid: 1x2, 2x1, 2x2, 3x1 and 1x3 tiles of 336 pixels, as [width, height].
@@ -185,7 +185,7 @@ def full_size_config(variant: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- validation
 
-# What this project implements (spec §1-§2); anything else is an error, not a deviation.
+# What this project implements (docs/p-mod.md, "Image layouts" and "Config keys"); anything else is an error, not a deviation.
 _SUPPORTED = {
     "mm_projector_type": ("mlp2x_gelu",),
     "mm_vision_select_feature": ("patch",),
@@ -289,7 +289,7 @@ def _config_errors(config: Mapping[str, Any], file: str) -> list[Problem]:
     elif aspect == "pad" and merge != "flat":
         error("mm_patch_merge_type", f"is {merge!r}; the pad layout needs 'flat' (as the released code)")
 
-    # The p-MoD keys, each parsed the way pmod_serve.config parses them, so the key is named.
+    # The p-MoD keys, each parsed the way pmod_serve.pmod.schedule parses them, so the key is named.
     layers = config.get("num_hidden_layers")
     if isinstance(config.get("mod_weight_norm"), str):
         try:

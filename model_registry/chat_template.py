@@ -1,4 +1,4 @@
-"""Chat templates of the catalogue (spec §1, Prompts), as Jinja files vLLM and transformers can load."""
+"""Chat templates of the catalogue (docs/p-mod.md, "Prompts"), as Jinja files vLLM and transformers can load."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reading and checking checkpoints in the released LLaVA / p-MoD layout (spec §3).
+"""Reading and checking checkpoints in the released LLaVA / p-MoD layout (docs/p-mod.md, "The released checkpoint layout").
 
 `load_state_dict` reads the weights (safetensors or PyTorch .bin, sharded with an index or single
 file) and drops stale buffers; `check_checkpoint` compares them with the names and shapes the
@@ -19,7 +19,7 @@ import torch
 from model_registry.catalog import validate_config
 from model_registry.errors import CheckpointError, ConfigError, Problem
 from model_registry.vision_tower import VisionTowerError, load_vision_config, resolve_vision_tower
-from pmod_serve.config import PmodSchedule
+from pmod_serve.pmod.schedule import PmodSchedule
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

@@ -1,4 +1,4 @@
-"""Tiny p-MoD checkpoints in exactly the released layout (spec §3), for tests and CPU runs.
+"""Tiny p-MoD checkpoints in exactly the released layout (docs/p-mod.md, "The released checkpoint layout"), for tests and CPU runs.
 
     python -m model_registry.tiny --variant next --out /tmp/pmod-tiny-next --seed 0
 

@@ -2,7 +2,7 @@
 
 Trained with the settings of LLaMA's tokenizer.model (BPE, byte fallback, dummy prefix, no
 whitespace normalisation, split digits, <unk>=0 <s>=1 </s>=2) so that it tokenises like Vicuna's
-(spec §1: "\n" after "<image>" becomes "▁" + "<0x0A>"), on deterministic English-ish text.
+(docs/p-mod.md, "Prompts": "\n" after "<image>" becomes "▁" + "<0x0A>"), on deterministic English-ish text.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Where a checkpoint's CLIP vision tower configuration lives (`mm_vision_tower`, spec §3).
+"""Where a checkpoint's CLIP vision tower configuration lives (`mm_vision_tower`, docs/p-mod.md,
+"config.json"), and the image layout it gives the checkpoint.
 
 The releases name the hub id `openai/clip-vit-large-patch14-336`; with no model hub at serving time
 its vision config and image-processor config are bundled here (the tower's weights are in the
@@ -8,10 +9,12 @@ checkpoint itself: `unfreeze_mm_vision_tower` is true).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from model_registry.catalog import CLIP_VIT_L_336
+from pmod_serve.pmod.image_layout import CLIP_MEAN, CLIP_STD, ImageLayout
 
 _CLIP_DIR = Path(__file__).resolve().parent / "clip"
 
@@ -71,8 +74,8 @@ def load_preprocessor_config(tower_dir: str | Path) -> dict[str, Any]:
     (openai's own files) normalised to dicts. CLIP defaults when the file is absent."""
     path = Path(tower_dir) / "preprocessor_config.json"
     config: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    config.setdefault("image_mean", [0.48145466, 0.4578275, 0.40821073])
-    config.setdefault("image_std", [0.26862954, 0.26130258, 0.27577711])
+    config.setdefault("image_mean", list(CLIP_MEAN))
+    config.setdefault("image_std", list(CLIP_STD))
     size = config.get("size", 336)
     if isinstance(size, int):
         config["size"] = {"shortest_edge": size}
@@ -80,3 +83,11 @@ def load_preprocessor_config(tower_dir: str | Path) -> dict[str, Any]:
     if isinstance(crop, int):
         config["crop_size"] = {"height": crop, "width": crop}
     return config
+
+
+def image_layout_of(config: Any, checkpoint_dir: str | Path) -> ImageLayout:
+    """The image layout of a checkpoint: its config (dict or HF config) with its CLIP tower's
+    preprocessor and vision configs (`mm_vision_tower`, resolved by `resolve_vision_tower`)."""
+    get = config.get if isinstance(config, Mapping) else (lambda key, default=None: getattr(config, key, default))
+    tower_dir = resolve_vision_tower(get("mm_vision_tower"), checkpoint_dir)
+    return ImageLayout.from_config(config, load_preprocessor_config(tower_dir), load_vision_config(tower_dir))

@@ -3,15 +3,15 @@
 `register()` runs in every process vLLM starts (API server, engine core, workers) through the
 `vllm.general_plugins` entry point. It registers the `pmod_llava_llama` config type, the
 `PmodLlavaLlamaForCausalLM` architecture, the `pmod` tokenizer mode, the p-MoD KV-cache spec,
-the "pmod" media connector (`pmod_serve.media_guard`), and a per-architecture config hook that
+the "pmod" media connector (`pmod_serve.multimodal.media_connector`), and a per-architecture config hook that
 switches on, for p-MoD models only, the engine settings they need (`PmodEngineConfig`) and the
-serving safety settings (`pmod_serve.serving_config`: processor cache, media connector, API-key
+serving safety settings (`pmod_serve.entrypoints.serving_config`: processor cache, media connector, API-key
 guard on every route).
 """
 
 from __future__ import annotations
 
-from pmod_serve.hf_config import PMOD_ARCHITECTURE, PMOD_MODEL_TYPE
+from pmod_serve.transformers_utils.configs.pmod_llava import PMOD_ARCHITECTURE, PMOD_MODEL_TYPE
 
 _registered = False
 
@@ -29,25 +29,25 @@ def register() -> None:
     from vllm.renderers.registry import RENDERER_REGISTRY
     from vllm.tokenizers.registry import TokenizerRegistry
 
-    from pmod_serve.hf_config import PmodLlavaConfig
-    from pmod_serve.kv_manager import register_kv_cache_spec
-    from pmod_serve.metrics import register_api_collector
-    from pmod_serve.serving_config import PmodServingConfig
-    from pmod_serve.tokenizer import TOKENIZER_MODE
+    from pmod_serve.entrypoints.serving_config import PmodServingConfig
+    from pmod_serve.tokenizers.pmod import TOKENIZER_MODE
+    from pmod_serve.transformers_utils.configs.pmod_llava import PmodLlavaConfig
+    from pmod_serve.v1.core.kv_cache_manager import register_kv_cache_spec
+    from pmod_serve.v1.metrics.prometheus import register_api_collector
 
     AutoConfig.register(PMOD_MODEL_TYPE, PmodLlavaConfig, exist_ok=True)
     if PMOD_ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # A lazy "module:Class" reference keeps torch-heavy imports out of processes that never
         # build the model.
-        ModelRegistry.register_model(PMOD_ARCHITECTURE, "pmod_serve.model:PmodLlavaLlamaForCausalLM")
+        ModelRegistry.register_model(PMOD_ARCHITECTURE, "pmod_serve.model_executor.models.pmod_llava:PmodLlavaLlamaForCausalLM")
     if TOKENIZER_MODE not in TokenizerRegistry.tokenizers:
-        TokenizerRegistry.register(TOKENIZER_MODE, "pmod_serve.tokenizer", "PmodTokenizer")
+        TokenizerRegistry.register(TOKENIZER_MODE, "pmod_serve.tokenizers.pmod", "PmodTokenizer")
     if TOKENIZER_MODE not in RENDERER_REGISTRY.renderers:
         # vLLM's HF renderer, plus a check that <image> markers match the images.
-        RENDERER_REGISTRY.register(TOKENIZER_MODE, "pmod_serve.renderer", "PmodRenderer")
+        RENDERER_REGISTRY.register(TOKENIZER_MODE, "pmod_serve.renderers.pmod", "PmodRenderer")
     MODELS_CONFIG_MAP[PMOD_ARCHITECTURE] = PmodServingConfig
     # The safe media connector, registered in every process (the config hook selects it).
-    import pmod_serve.media_guard  # noqa: F401
+    import pmod_serve.multimodal.media_connector  # noqa: F401
     register_kv_cache_spec()
     _register_chat_template_fallback()
     # The first process to load the plugin (the API server) picks the metrics directory that

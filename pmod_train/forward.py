@@ -1,10 +1,10 @@
-"""Batched training forward of the reference model (`pmod_serve.reference`), with gradients.
+"""Batched training forward of the reference model (`pmod_reference.model`), with gradients.
 
 The reference runs one sequence at a time; on 2 CPU cores that is ~100 ms per training example,
 dominated by Python overhead. Training runs a batch of sequences through the *same modules* (the
 reference's embeddings, CLIP tower, projector, image merge, RMSNorms, q/k/v/o projections, RoPE
 module, MLPs, routers, weight norm, final norm and LM head); only two things are re-written here
-for a batch, from the spec (§2), and `tests/test_trained.py` checks that they give the reference's
+for a batch, from docs/p-mod.md ("A p-MoD layer at prefill"), and `tests/test_trained.py` checks that they give the reference's
 logits and kept tokens:
   - causal attention among the kept tokens by original position (softmax(q k^T / sqrt(d)) v);
   - the p-MoD routing: per sequence, the top ``trunc(T * ratio)`` target tokens by router weight
@@ -34,14 +34,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pmod_serve.config import kept_target_count
-from pmod_serve.image_processing import merge_image_features, preprocess
-from pmod_serve.reference import LlamaDecoderLayer, PmodDecoderLayer, PmodReference
+from model_registry import VICUNA_V1_SYSTEM_PROMPT
+from pmod_reference.model import LlamaDecoderLayer, PmodDecoderLayer, PmodReference
+from pmod_serve.multimodal.image_processing import preprocess
+from pmod_serve.pmod.image_layout import merge_image_features
+from pmod_serve.pmod.schedule import kept_target_count
 
-VICUNA_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
+VICUNA_SYSTEM = VICUNA_V1_SYSTEM_PROMPT
 
 
 def vicuna_prompt(question: str) -> str:

@@ -3,7 +3,7 @@
     python -m pmod_train routing-map IMAGE --out map.png [--question "..."] [--checkpoint DIR]
 
 The kept tokens come from the plain-PyTorch reference (`PmodReference.kept_indices`: the top
-``trunc(T * ratio)`` visual tokens by router weight at prefill, spec §2). Each panel shows the picture
+``trunc(T * ratio)`` visual tokens by router weight at prefill, docs/p-mod.md, "A p-MoD layer at prefill"). Each panel shows the picture
 as the model sees it (the pad layout's square crop); the patches a layer skipped are veiled in white.
 The first panel is the picture with the model's greedy answer.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pmod_serve.config import kept_target_count
-from pmod_serve.image_processing import expand_to_square
-from pmod_serve.reference import PmodReference
+from pmod_reference.model import PmodReference
+from pmod_serve.multimodal.image_processing import expand_to_square
+from pmod_serve.pmod.schedule import kept_target_count
 from pmod_train.forward import vicuna_prompt
 
 DEFAULT_QUESTION = "How many objects are there?"

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pmod_serve.reference import PmodReference
+from pmod_reference.model import PmodReference
 from pmod_train import checkpoint, forward, shapes
 
 DEFAULTS = {"steps": 600, "batch_size": 16, "lr": 2e-3, "warmup": 40, "weight_decay": 0.01, "seed": 0}

@@ -126,7 +126,7 @@ class ReferenceCache:
         if path.exists():
             return json.loads(path.read_text())
         if checkpoint not in self._references:
-            from pmod_serve.reference import PmodReference
+            from pmod_reference.model import PmodReference
 
             self._references[checkpoint] = PmodReference(checkpoint)
         # One thread: on a 2-core machine shared with engine threads, two are 3-20x slower.
@@ -227,7 +227,7 @@ class ServerProcess:
         )
 
     def wait_ready(self, timeout: float = 600) -> None:
-        from pmod_serve.demo import wait_healthy
+        from pmod_serve.entrypoints.demo import wait_healthy
 
         try:
             wait_healthy(self.base_url, self.process, timeout)
@@ -247,7 +247,7 @@ class ServerProcess:
 
     def metrics(self) -> dict[str, float]:
         """pmod_* samples of /metrics (summed over label sets; buckets left out)."""
-        from pmod_serve.demo import pmod_metrics
+        from pmod_serve.entrypoints.demo import pmod_metrics
 
         return pmod_metrics(self.base_url)
 

@@ -40,11 +40,11 @@ CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24
                   projection_dim=768)
 
 
-# =========================================================================== spec §2: schedule
+# =========================================================================== docs/p-mod.md, "Progressive ratio decay"
 
 
 def prd_schedule(config: dict[str, Any]) -> dict[int, float]:
-    """Layer index -> retention ratio of every p-MoD layer (spec §2, Progressive ratio decay)."""
+    """Layer index -> retention ratio of every p-MoD layer (docs/p-mod.md, "Progressive ratio decay")."""
     layers = config["num_hidden_layers"]
     factor = float(config.get("mod_router_factor", 0.5))
     kind = config["mod_target_layers"]
@@ -100,7 +100,7 @@ def _take(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
-# =========================================================================== spec §1: images
+# =========================================================================== docs/p-mod.md, "Image layouts"
 
 
 class ImagePreprocessor:
@@ -176,7 +176,7 @@ class ImagePreprocessor:
         return pixels, (target_h // self.tile, target_w // self.tile)
 
 
-# =========================================================================== spec §1: prompts
+# =========================================================================== docs/p-mod.md, "Prompts"
 
 
 class SlowLlamaTokenizer:
@@ -225,7 +225,7 @@ class KeptTokenCache:
 
 
 class IndependentPmod:
-    """p-MoD LLaVA inference from a checkpoint directory in the released layout (spec §3), float32."""
+    """p-MoD LLaVA inference from a checkpoint directory in the released layout (docs/p-mod.md, "The released checkpoint layout"), float32."""
 
     def __init__(self, checkpoint_dir: str | Path):
         self.root = Path(checkpoint_dir)

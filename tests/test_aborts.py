@@ -9,7 +9,7 @@ import httpx
 from conftest import make_image
 from prometheus_client.parser import text_string_to_metric_families
 
-from pmod_serve.demo import data_url
+from pmod_serve.entrypoints.demo import data_url
 
 
 def engine_state(server) -> dict[str, float]:

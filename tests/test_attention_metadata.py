@@ -79,7 +79,7 @@ def test_custom_ops_are_traced_native_and_run_their_kernel_eagerly():
     traces (every other step) keeps the native code Inductor fuses."""
     import torch
 
-    from pmod_serve.model import _native_when_compiling
+    from pmod_serve.model_executor.models.pmod_llava import _native_when_compiling
 
     calls: list[str] = []
 

@@ -16,7 +16,7 @@ from benchmarks.models import write_dense_twin
 def test_dense_twin_routes_nothing_and_keeps_every_weight(tiny_next: Path, tmp_path: Path) -> None:
     from safetensors import safe_open
 
-    from pmod_serve.config import PmodSchedule
+    from pmod_serve.pmod.schedule import PmodSchedule
 
     twin = write_dense_twin(tiny_next, tmp_path / "dense")
     config = json.loads((twin / "config.json").read_text())

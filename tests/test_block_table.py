@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pmod_serve.block_table import PmodBlockTable
-from pmod_serve.config import PmodSchedule, kept_target_count
-from pmod_serve.kv_layout import RequestKVLayout, RequestTargets
+from pmod_serve.pmod.kv_layout import RequestKVLayout, RequestTargets
+from pmod_serve.pmod.schedule import PmodSchedule, kept_target_count
+from pmod_serve.v1.worker.block_table import PmodBlockTable
 
 BLOCK_SIZE = 16
 SCHEDULE = PmodSchedule.from_config(
@@ -23,7 +23,7 @@ RATIOS = tuple(SCHEDULE.retention_ratio.get(layer) for layer in range(32))
 
 
 def expected_layer_blocks(targets: RequestTargets, num_tokens: int) -> list[int]:
-    """Spec §2 per layer, written out independently of RequestKVLayout."""
+    """docs/p-mod.md, "KV cache of one request", per layer, written out independently of RequestKVLayout."""
     start, end = targets.span
     num_targets = targets.num_targets
     blocks = []

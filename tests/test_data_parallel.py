@@ -17,7 +17,7 @@ from benchmarks.e2e_serve import (
     kv_metrics_agreement,
     series_per_engine,
 )
-from pmod_serve.demo import data_url
+from pmod_serve.entrypoints.demo import data_url
 
 pytestmark = pytest.mark.engine
 

@@ -317,7 +317,7 @@ K8S_MUTATIONS: dict[str, tuple[str, Callable[[list], None], str]] = {
         lambda o: _obj(o, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"].update(size=3),
         "TP x PP == GPUs in the group (3)",
     ),
-    # p-MoD refuses pipeline parallelism (pmod_serve/engine_config.py): every spelling is caught.
+    # p-MoD refuses pipeline parallelism (pmod_serve/model_executor/models/config.py): every spelling is caught.
     "pipeline parallel across the lws group": (
         "multinode",
         lambda o: (
@@ -679,15 +679,15 @@ def test_file_check_catches(case, repo_copy, tools, full_report):
 
 
 def test_pmod_serve_must_define_the_media_options(repo_copy, tools, full_report):
-    """Manifests may use pmod-serve's --media-* options only while pmod_serve/server.py defines them."""
+    """Manifests may use pmod-serve's --media-* options only while pmod_serve/entrypoints/server.py defines them."""
     (repo_copy / "pmod_serve").unlink()  # a real copy: never edit the symlinked source tree
     shutil.copytree(
         ROOT / "pmod_serve", repo_copy / "pmod_serve", ignore=shutil.ignore_patterns("__pycache__")
     )
-    _edit(repo_copy, "pmod_serve/server.py", '"--media-timeout"', '"--media-fetch-timeout"')
+    _edit(repo_copy, "pmod_serve/entrypoints/server.py", '"--media-timeout"', '"--media-fetch-timeout"')
     got = _new_failures(repo_copy, ["entrypoint"], tools, full_report)
-    assert "pmod_serve/server.py defines the pmod-serve options" in got, got
-    assert "--media-timeout" in (ROOT / "pmod_serve" / "server.py").read_text()
+    assert "pmod_serve/entrypoints/server.py defines the pmod-serve options" in got, got
+    assert "--media-timeout" in (ROOT / "pmod_serve" / "entrypoints" / "server.py").read_text()
 
 
 def test_new_package_directory_must_be_copied_into_the_image(repo_copy, tools, full_report):

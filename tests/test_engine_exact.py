@@ -46,7 +46,7 @@ def test_text_only_prompt_matches_reference(llm_next, tiny_next, reference):
 
 def test_prompt_tokens_match_reference(llm_next, tiny_next):
     """The processor inserts exactly the spec's visual tokens, tokenised like the slow tokenizer."""
-    from pmod_serve.reference import PmodReference
+    from pmod_reference.model import PmodReference
 
     reference_model = PmodReference(tiny_next)
     prompt = vicuna_prompt(QUESTION, 2)

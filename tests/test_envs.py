@@ -7,15 +7,20 @@ from pathlib import Path
 
 from pmod_serve import envs
 
-PACKAGE = Path(__file__).resolve().parents[1] / "pmod_serve"
+REPO = Path(__file__).resolve().parents[1]
+# Everything but the test suite (whose own knobs, PMOD_TEST_CACHE and PMOD_SOAK_SECONDS, are not
+# pmod-serve settings).
+PACKAGES = ("pmod_serve", "pmod_reference", "model_registry", "pmod_train", "loadtests", "benchmarks")
 
 
 def test_no_module_reads_a_pmod_variable_on_its_own():
     read = re.compile(r"""(os\.environ\.get|os\.getenv)\(\s*["']PMOD_|os\.environ\[["']PMOD_[A-Z_]+["']\](?!\s*=)""")
+    paths = sorted(path for package in PACKAGES for path in (REPO / package).rglob("*.py"))
+    assert REPO / "pmod_serve" / "envs.py" in paths and len(paths) > 50
     offenders = [
-        f"{path.name}:{number}"
-        for path in sorted(PACKAGE.glob("*.py"))
-        if path.name != "envs.py"
+        f"{path.relative_to(REPO)}:{number}"
+        for path in paths
+        if path != REPO / "pmod_serve" / "envs.py"
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if read.search(line)
     ]

@@ -1,5 +1,6 @@
-"""Image layouts of p-MoD-LLaVA (spec §1): geometry worked out by hand, pixels against HF's CLIP
-processor, feature merging against hand-placed features."""
+"""Image layouts of p-MoD-LLaVA (docs/p-mod.md, "Image layouts"): geometry worked out by hand,
+pixels against HF's CLIP processor configured from the raw preprocessor config and against the
+spec's steps in NumPy, feature merging against hand-placed features."""
 
 from __future__ import annotations
 
@@ -8,14 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pmod_serve.image_processing import (
+from pmod_serve.multimodal.image_processing import letterbox, preprocess
+from pmod_serve.pmod.image_layout import (
     ImageLayout,
     best_resolution,
-    letterbox,
     merge_image_features,
     num_crops,
     num_visual_tokens,
-    preprocess,
     target_token_mask,
     tile_grid,
     unpadded_feature_shape,
@@ -152,13 +152,44 @@ def hf_clip(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(processor(image)["pixel_values"][0]))
 
 
-@pytest.mark.parametrize("size", [(336, 336), (500, 375), (375, 500), (1000, 201), (200, 150)])
+def spec_clip(image: Image.Image, shortest_edge: int = 336, crop: int = 336) -> torch.Tensor:
+    """The spec's CLIP steps in NumPy: bicubic resize of the shortest edge (the long edge
+    truncated), centre crop at `(dim - crop) // 2` (zero padding when smaller), rescale by 1/255
+    in float64, normalise in float32."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(shortest_edge * long / short)
+    size = (shortest_edge, new_long) if width <= height else (new_long, shortest_edge)
+    pixels = np.asarray(image.convert("RGB").resize(size, resample=Image.Resampling.BICUBIC))
+    if pixels.shape[0] < crop or pixels.shape[1] < crop:
+        padded = np.zeros((max(pixels.shape[0], crop), max(pixels.shape[1], crop), 3), dtype=pixels.dtype)
+        top, left = -(-(padded.shape[0] - pixels.shape[0]) // 2), -(-(padded.shape[1] - pixels.shape[1]) // 2)
+        padded[top : top + pixels.shape[0], left : left + pixels.shape[1]] = pixels
+        pixels = padded
+    top, left = (pixels.shape[0] - crop) // 2, (pixels.shape[1] - crop) // 2
+    pixels = pixels[top : top + crop, left : left + crop]
+    pixels = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    mean = np.asarray(CLIP_PREPROCESSOR["image_mean"], dtype=np.float32)
+    std = np.asarray(CLIP_PREPROCESSOR["image_std"], dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1)))
+
+
+@pytest.mark.parametrize("size", [(336, 336), (500, 375), (375, 500), (1000, 201), (200, 150), (1, 1), (5000, 3)])
 def test_square_layout_matches_hf_clip_processor(size) -> None:
     layout = ImageLayout.from_config({"image_aspect_ratio": "square"}, CLIP_PREPROCESSOR)
     image = noise_image(*size, seed=sum(size))
     pixels = preprocess(image, layout)
     assert pixels.shape == (1, 3, 336, 336) and pixels.dtype == torch.float32
     torch.testing.assert_close(pixels[0], hf_clip(image), rtol=0, atol=0)
+    torch.testing.assert_close(pixels[0], spec_clip(image), rtol=0, atol=0)
+
+
+def test_clip_preprocess_drops_alpha_like_the_released_code() -> None:
+    # The released code opens images with .convert("RGB") (alpha dropped, not composited on white).
+    layout = ImageLayout.from_config({"image_aspect_ratio": "square"}, CLIP_PREPROCESSOR)
+    rgba = noise_image(300, 200, seed=3).convert("RGBA")
+    rgba.putalpha(0)
+    torch.testing.assert_close(preprocess(rgba, layout)[0], spec_clip(rgba.convert("RGB")), rtol=0, atol=0)
 
 
 def test_pad_layout_expands_to_square_then_clip(pad_layout: ImageLayout) -> None:

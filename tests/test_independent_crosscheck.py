@@ -1,4 +1,4 @@
-"""The plain-PyTorch reference (pmod_serve.reference) agrees token for token with the independent
+"""The plain-PyTorch reference (pmod_reference.model) agrees token for token with the independent
 implementation of the spec (tests/independent_impl.py) on the tiny checkpoints of model_registry.
 
 The foreign checkpoints, which this project's builder did not produce, are in
@@ -14,7 +14,7 @@ from independent_impl import IndependentPmod, sample_image, vicuna_prompt
 
 from model_registry.tiny import build_tiny_checkpoint
 
-pytest.importorskip("pmod_serve.reference")
+pytest.importorskip("pmod_reference.model")
 
 MAX_NEW_TOKENS = 16
 SYSTEM = (
@@ -51,7 +51,7 @@ _MODELS: dict[tuple[str, Path], object] = {}
 
 
 def models(checkpoint: Path):
-    from pmod_serve.reference import PmodReference
+    from pmod_reference.model import PmodReference
 
     if ("ref", checkpoint) not in _MODELS:
         _MODELS["ref", checkpoint] = PmodReference(checkpoint)

@@ -12,7 +12,7 @@ from test_independent_crosscheck import CASES, assert_same_generation
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-pytest.importorskip("pmod_serve.reference")
+pytest.importorskip("pmod_reference.model")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""KV allocation follows PRD: every layer holds exactly the blocks spec §2 gives, read from the
+"""KV allocation follows PRD: every layer holds exactly the blocks docs/p-mod.md ("KV cache of one request") gives, read from the
 engine's own block tables; every block returns to the pool; preemption stays exact."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 from conftest import engine_runner, engine_scheduler, make_image, vicuna_prompt
 from vllm import SamplingParams
 
-from pmod_serve.config import PmodSchedule, kept_target_count
-from pmod_serve.kv_accounting import kv_usage
+from pmod_serve.pmod.schedule import PmodSchedule, kept_target_count
+from pmod_serve.v1.core.kv_accounting import kv_usage
 
 # ~60 tokens with the tiny tokenizer, like the acceptance's 60-token question.
 LONG_QUESTION = (
@@ -19,7 +19,7 @@ LONG_QUESTION = (
 
 
 def expected_blocks(schedule: PmodSchedule, prompt_len: int, num_targets: int, fed: int, block_size: int):
-    """Spec §2 per layer: P - T + trunc(T*ratio) + G slots (p-MoD) or P + G (ordinary)."""
+    """docs/p-mod.md, "KV cache of one request", per layer: P - T + trunc(T*ratio) + G slots (p-MoD) or P + G (ordinary)."""
     blocks = {}
     for layer in range(schedule.num_layers):
         if schedule.is_pmod_layer(layer):

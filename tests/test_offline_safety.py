@@ -15,7 +15,7 @@ from conftest import make_image, vicuna_prompt
 def test_gather_logprobs_matches_vllm_inside_the_vocabulary_and_defines_the_rest():
     from vllm.v1.sample.sampler import Sampler
 
-    from pmod_serve.logprobs import PmodSampler
+    from pmod_serve.v1.sample.sampler import PmodSampler
 
     torch.manual_seed(0)
     logprobs = torch.randn(6, 50).log_softmax(-1)

@@ -35,8 +35,14 @@ def test_wheel_pins_the_toolchain_and_registers_the_plugin(tmp_path):
     requires = {line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")}
     assert "vllm==0.26.0" in requires and "transformers==5.16.0" in requires
     assert "pmod = pmod_serve.plugin:register" in entry_points
-    assert "pmod-serve = pmod_serve.server:main" in entry_points
+    assert "pmod-serve = pmod_serve.entrypoints.server:main" in entry_points
     # What `vllm serve <checkpoint>` and the demo need at run time ships in the wheel.
-    assert "pmod_serve/model.py" in names and "pmod_serve/plugin.py" in names
+    assert "pmod_serve/model_executor/models/pmod_llava.py" in names and "pmod_serve/plugin.py" in names
+    assert "pmod_serve/pmod/schedule.py" in names and "pmod_serve/entrypoints/server.py" in names
+    # Every subpackage of the tree ships.
+    shipped = {n.rsplit("/", 1)[0] for n in names if n.startswith("pmod_serve/") and n.endswith(".py")}
+    assert shipped == {str(p.parent.relative_to(REPO)) for p in (REPO / "pmod_serve").rglob("*.py")}
+    # The plain-PyTorch reference (the tests' oracle) is not part of the runtime wheel.
+    assert not any(n.startswith(("pmod_reference/", "benchmarks/", "tests/")) for n in names)
     assert any(n.startswith("model_registry/templates/") and n.endswith(".jinja") for n in names)
     assert any(n.startswith("pmod_train/checkpoints/") for n in names)

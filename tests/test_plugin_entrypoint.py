@@ -48,7 +48,7 @@ def test_plain_vllm_serve_loads_the_plugin_and_renders_exactly(plain_vllm_server
 
     from openai import OpenAI
 
-    from pmod_serve.reference import PmodReference
+    from pmod_reference.model import PmodReference
 
     image = make_image(500, 375, 61)
     buffer = io.BytesIO()

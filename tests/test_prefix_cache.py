@@ -11,9 +11,9 @@ import pytest
 from conftest import engine_runner, engine_scheduler, make_image, vicuna_prompt
 from vllm import SamplingParams
 
-from pmod_serve.kv_accounting import kv_usage
-from pmod_serve.kv_layout import RequestKVLayout, RequestTargets
-from pmod_serve.prefix_cache import LayerBlockKeys, find_prefix_hit
+from pmod_serve.pmod.kv_layout import RequestKVLayout, RequestTargets
+from pmod_serve.v1.core.kv_accounting import kv_usage
+from pmod_serve.v1.core.prefix_cache import LayerBlockKeys, find_prefix_hit
 
 BLOCK = 32
 # The releases' shape: 8 ordinary layers, then 24 p-MoD layers with decaying ratios.
@@ -272,7 +272,7 @@ def test_slots_of_shared_blocks_are_not_rewritten(llm_prefix, monkeypatch):
         expected = [-1 if c < held_slots[layer] else int(tables[layer, c // BLOCK]) * BLOCK + c % BLOCK for c in indices]
         assert slots == expected, layer
     # The device path (here on CPU tensors), from the same step's buffers.
-    import pmod_serve.runner as runner_module
+    import pmod_serve.v1.worker.model_runner as runner_module
 
     host_result = slot_mapping[:, :num_new].copy()
     stack.table.written[row] = held_slots[stack.table.class_first_layer]

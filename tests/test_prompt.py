@@ -1,4 +1,4 @@
-"""Prompt tokenisation (spec §1, Prompts): the released code's slow SentencePiece LlamaTokenizer,
+"""Prompt tokenisation (docs/p-mod.md, "Prompts"): the released code's slow SentencePiece LlamaTokenizer,
 in its legacy and non-legacy modes."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from model_registry.chat_template import VICUNA_V1_SYSTEM_PROMPT, render_prompt
 from model_registry.tokenizer import train_sentencepiece, write_tokenizer
-from pmod_serve.prompt import IMAGE_MARKER, SPIECE_UNDERLINE, PromptTokenizer
+from pmod_serve.tokenizers.prompt import IMAGE_MARKER, SPIECE_UNDERLINE, PromptTokenizer
 
 IMAGE = -200  # the released code's IMAGE_TOKEN_INDEX; any id works as a placeholder
 MULTI_TURN = render_prompt(
@@ -227,7 +227,7 @@ def test_multi_turn_prompt_differs_between_modes(tokenizer, non_legacy) -> None:
 @pytest.mark.parametrize(("legacy", "add_prefix_space"), MODES)
 def test_chat_template_bos(slow_tokenizers, legacy, add_prefix_space) -> None:
     """A chat template renders "<s>" + prompt and vLLM encodes that without special tokens; the
-    released code instead tokenises the prompt and adds the BOS id. pmod_serve.tokenizer therefore
+    released code instead tokenises the prompt and adds the BOS id. pmod_serve.tokenizers.pmod therefore
     strips the "<s>" string and asks for BOS: `encode_prompt(prompt, add_bos=True)`. Encoding the
     "<s>" string itself agrees in legacy mode only: non-legacy drops the "▁" of the first word."""
     tokenizer, slow_tokenizer = slow_tokenizers[legacy, add_prefix_space]
@@ -274,10 +274,10 @@ def test_decode(tokenizer: PromptTokenizer) -> None:
 
 @pytest.mark.parametrize("legacy", [True, False])
 def test_vllm_tokenizer_mode_follows_the_checkpoint(tokenizer_dir: Path, tmp_path: Path, legacy: bool) -> None:
-    """pmod_serve.tokenizer (the `pmod` tokenizer mode) reads `legacy` from tokenizer_config.json, and
+    """pmod_serve.tokenizers.pmod (the `pmod` tokenizer mode) reads `legacy` from tokenizer_config.json, and
     a chat-template prompt that starts with the "<s>" string encodes as the released code does."""
     pytest.importorskip("vllm")
-    from pmod_serve.tokenizer import PmodTokenizer
+    from pmod_serve.tokenizers.pmod import PmodTokenizer
 
     for name in ("tokenizer.model", "special_tokens_map.json"):
         (tmp_path / name).write_bytes((tokenizer_dir / name).read_bytes())

@@ -1,4 +1,4 @@
-"""The building blocks of pmod_serve.reference, checked in isolation (spec §2): the PRD schedule, the
+"""The building blocks of pmod_reference.model, checked in isolation (docs/p-mod.md, "The p-MoD layer"): the PRD schedule, the
 float32 trunc of k, the p-MoD layer against a plain LLaMA layer, STRing, and the CLIP / LLaMA parts
 against transformers' own implementations on a tiny checkpoint."""
 
@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from model_registry import build_tiny_checkpoint, load_state_dict
-from pmod_serve.config import PmodSchedule, WeightNorm, kept_target_count
-from pmod_serve.reference import (
+from pmod_reference.model import (
     LayerKVCache,
     LlamaConfig,
     LlamaDecoderLayer,
     PmodDecoderLayer,
     PmodReference,
 )
+from pmod_serve.pmod.schedule import PmodSchedule, WeightNorm, kept_target_count
 
 RELEASE_PMOD_KEYS = {
     "num_hidden_layers": 32,
@@ -95,10 +95,11 @@ def released_kept_count(num_targets: int, ratio: float) -> int:
 def test_kept_count_is_float32_trunc() -> None:
     ratio_10 = PmodSchedule.from_config(RELEASE_PMOD_KEYS).retention_ratio[10]
     assert ratio_10 == pytest.approx(0.764482, abs=1e-6)
-    # T=2365 at layer 10 is where float32 and float64 disagree. NOTE: the spec's worked example has
-    # the two swapped ("1807 where float64 gives 1808"): float64 gives 2365 * 0.76448200516 =
-    # 1807.99994 -> 1807, while float32 (the released int32-tensor * float product) rounds the product
-    # to 1808.0 -> 1808. We follow the rule the spec states (float32, as the released code), i.e. 1808.
+    # T=2365 at layer 10 is where float32 and float64 disagree. NOTE: the task spec's worked example
+    # (../shared/spec/p-mod.md) has the two swapped ("1807 where float64 gives 1808"): float64 gives
+    # 2365 * 0.76448200516 = 1807.99994 -> 1807, while float32 (the released int32-tensor * float
+    # product) rounds the product to 1808.0 -> 1808. We follow the rule it states (float32, as the
+    # released code), i.e. 1808, as docs/p-mod.md ("A p-MoD layer at prefill", step 3) writes it.
     assert math.trunc(2365 * ratio_10) == 1807
     assert released_kept_count(2365, ratio_10) == 1808
     assert kept_target_count(2365, ratio_10) == 1808

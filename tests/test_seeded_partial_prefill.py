@@ -4,7 +4,7 @@ Two 672x672-image requests do not fit one step together (`max_num_batched_tokens
 second prefills only its text before the image in the first step, and the token sampled for it
 there is discarded. vLLM rewinds a seeded request's generator by Philox offsets for that, which
 CPU generators do not have: the engine core died ("CPU Generator does not use offset", found by
-`n=2` with `seed` through the server). `pmod_serve.cpu_worker` restores the generator's state
+`n=2` with `seed` through the server). `pmod_serve.v1.worker.cpu_worker` restores the generator's state
 instead."""
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from conftest import ALLOWED_IMAGE_HOST, make_image
 from openai import AsyncOpenAI, BadRequestError, OpenAI
 
 from model_registry import render_prompt
-from pmod_serve.config import PmodSchedule, kept_target_count
+from pmod_serve.pmod.schedule import PmodSchedule, kept_target_count
 
 MAX_TOKENS = 12
 

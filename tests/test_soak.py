@@ -15,7 +15,7 @@ import pytest
 from conftest import make_image
 from test_aborts import wait_idle
 
-from pmod_serve.demo import data_url
+from pmod_serve.entrypoints.demo import data_url
 
 pytestmark = pytest.mark.engine  # starts its own engines or servers
 

@@ -1,5 +1,5 @@
 """Flags p-MoD cannot honour are refused at start-up with a message naming the flag, before any
-engine starts (pmod_serve/engine_config.py), under plain `vllm serve` as under `pmod-serve`."""
+engine starts (pmod_serve/model_executor/models/config.py), under plain `vllm serve` as under `pmod-serve`."""
 
 from __future__ import annotations
 

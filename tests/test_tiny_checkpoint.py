@@ -1,4 +1,4 @@
-"""Tiny checkpoints: released layout (spec §3), determinism, caching, and checkpoint errors."""
+"""Tiny checkpoints: released layout (docs/p-mod.md, "The released checkpoint layout"), determinism, caching, and checkpoint errors."""
 
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def test_tokenizer_is_llama_like(next_dir):
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2)
     # Every piece gets a dummy prefix; "\n" has no piece of its own and falls back to a byte.
     assert sp.encode("\nWhat is this?", out_type=str)[:2] == ["▁", "<0x0A>"]
-    assert sp.encode(" USER", out_type=str) == ["▁", "▁USER"]  # a leading space: two "▁" (spec §1)
+    assert sp.encode(" USER", out_type=str) == ["▁", "▁USER"]  # a leading space: two "▁" (docs/p-mod.md, "Prompts")
     assert sp.encode("2024", out_type=str) == ["▁", "2", "0", "2", "4"]  # split digits
     assert sp.decode(sp.encode("héllo wörld")) == "héllo wörld"  # byte fallback round trip
     system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "

@@ -25,7 +25,7 @@ MAX_NEW_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def reference(single_thread):
-    from pmod_serve.reference import PmodReference
+    from pmod_reference.model import PmodReference
 
     return PmodReference(PMOD_CHECKPOINT)
 
@@ -68,7 +68,7 @@ def test_training_steps_reduce_the_loss_deterministically(tmp_path: Path, single
 
 def test_batched_training_forward_is_the_reference(reference):
     """The training forward (batched, shared prefix) gives the reference's hidden states and kept tokens."""
-    from pmod_serve.reference import LayerKVCache
+    from pmod_reference.model import LayerKVCache
 
     conversations = [shapes.conversation(7, i) for i in range(3)]
     batch = forward.make_batch(reference, [image for image, _ in conversations], [t for _, t in conversations])

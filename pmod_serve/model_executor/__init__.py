@@ -1,0 +1,1 @@
+"""Like `vllm.model_executor`: the vLLM model of p-MoD-LLaVA."""

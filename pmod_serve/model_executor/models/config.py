@@ -1,0 +1,95 @@
+"""Engine settings p-MoD models need, applied through vLLM's per-architecture config hook (the
+`VerifyAndUpdateConfig` classes of `vllm/model_executor/models/config.py`, hence this module's place).
+
+vLLM calls `PmodEngineConfig` for `PmodLlavaLlamaForCausalLM` only, so other models served by
+the same installation are untouched. What it switches, and why:
+
+- tokenizer mode `pmod`: the released slow-tokenizer encoding (pmod_serve.tokenizers.pmod);
+- the p-MoD worker and scheduler: per-layer compacted KV in one KV cache group, one-step visual prefill;
+- prefix caching stays as vLLM sets it (on by default): compacted layer blocks are named by
+  their content per layer (pmod_serve.v1.core.prefix_cache), so hits are exact;
+- `max_num_batched_tokens >= max_model_len`: a request's visual tokens must fit in one step;
+- torch.compile and CUDA graphs as vLLM sets them, except for steps that route visual tokens
+  (top-k, gathers of a data-dependent size): those run eagerly, with vLLM's CUDA kernels for its
+  custom ops (pmod_serve.model_executor.models.pmod_llava sets vLLM's `skip_compiled`, pmod_serve.v1.worker.model_runner forces eager
+  execution). On CPUs everything runs eagerly.
+- speculative decoding and pipeline parallelism are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+from pmod_serve.tokenizers.pmod import TOKENIZER_MODE
+
+logger = logging.getLogger("vllm.pmod_serve")  # shown with vLLM's log configuration
+
+
+class PmodEngineConfig(VerifyAndUpdateConfig):
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        if model_config.tokenizer_mode in ("auto", "hf", "slow"):
+            model_config.tokenizer_mode = TOKENIZER_MODE
+        elif model_config.tokenizer_mode != TOKENIZER_MODE:
+            raise ValueError(
+                f"p-MoD checkpoints need tokenizer_mode={TOKENIZER_MODE!r} "
+                f"(the released slow-tokenizer encoding), got {model_config.tokenizer_mode!r}"
+            )
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        from vllm.platforms import current_platform
+
+        model_config = vllm_config.model_config
+        scheduler_config = vllm_config.scheduler_config
+        parallel_config = vllm_config.parallel_config
+
+        if vllm_config.speculative_config is not None:
+            raise ValueError("p-MoD models do not support speculative decoding (--speculative-config)")
+        if parallel_config.pipeline_parallel_size > 1:
+            raise ValueError(
+                "p-MoD models do not support pipeline parallelism (--pipeline-parallel-size "
+                f"{parallel_config.pipeline_parallel_size}); use --tensor-parallel-size or --data-parallel-size"
+            )
+        if scheduler_config.disable_hybrid_kv_cache_manager:
+            raise ValueError(
+                "p-MoD needs vLLM's hybrid KV cache manager: its KV cache spec (the whole decoder in one "
+                "group, per-layer block tables) is a custom one; drop --disable-hybrid-kv-cache-manager"
+            )
+
+        if scheduler_config.max_num_batched_tokens < model_config.max_model_len:
+            logger.info(
+                "p-MoD: max_num_batched_tokens raised from %d to max_model_len=%d so that a "
+                "request's visual tokens always fit in one step",
+                scheduler_config.max_num_batched_tokens,
+                model_config.max_model_len,
+            )
+            scheduler_config.max_num_batched_tokens = model_config.max_model_len
+            scheduler_config.max_num_encoder_input_tokens = model_config.max_model_len
+            scheduler_config.encoder_cache_size = max(
+                scheduler_config.encoder_cache_size, model_config.max_model_len
+            )
+
+        if scheduler_config.scheduler_cls is None:
+            scheduler_config.scheduler_cls = "pmod_serve.v1.core.sched.scheduler.make_pmod_scheduler"
+        if parallel_config.worker_cls == "auto":
+            parallel_config.worker_cls = (
+                "pmod_serve.v1.worker.cpu_worker.PmodCPUWorker"
+                if current_platform.is_cpu()
+                else "pmod_serve.v1.worker.gpu_worker.PmodGPUWorker"
+            )
+
+        if current_platform.is_cpu():
+            # vLLM's CPU backend would compile with inductor; the tiny CPU checkpoints gain nothing
+            # from it and every engine start would pay for it.
+            from vllm.config.compilation import CompilationMode
+
+            if not model_config.enforce_eager:
+                logger.info("p-MoD: running eagerly on CPU")
+            model_config.enforce_eager = True
+            vllm_config.compilation_config.mode = CompilationMode.NONE
+        # On GPUs vLLM's defaults stand: torch.compile and CUDA graphs (full graphs for decode
+        # batches, piecewise ones for other batches) for every step that routes nothing; a step
+        # that routes visual tokens runs eagerly (pmod_serve.model_executor.models.pmod_llava, pmod_serve.v1.worker.model_runner).

@@ -1,0 +1,1 @@
+"""Like `vllm.multimodal`: image pixels and the media connector."""

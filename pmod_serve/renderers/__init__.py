@@ -1,0 +1,1 @@
+"""Like `vllm.renderers`: the renderer of tokenizer mode `pmod`."""

@@ -1,0 +1,1 @@
+"""Like `vllm.tokenizers`: tokenizer mode `pmod` and the released prompt encoding."""

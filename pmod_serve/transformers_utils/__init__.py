@@ -1,0 +1,1 @@
+"""Like `vllm.transformers_utils`: transformers-side definitions."""

@@ -1,0 +1,1 @@
+"""Like `vllm.v1.core.sched`: the p-MoD scheduler."""

@@ -1,0 +1,163 @@
+"""Scheduler hooks for p-MoD: every request's visual tokens are prefilled in one step.
+
+Top-k routing spans all target tokens of a request (across all its images), so a step may
+start or stop before the first target or after the last one, never in between. The scheduler
+also keeps each request's target ranges where the p-MoD KV-cache managers read them.
+"""
+
+from __future__ import annotations
+
+import time
+
+from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
+
+from model_registry import image_layout_of
+from pmod_serve.pmod.kv_layout import RequestTargets, TargetPolicy
+from pmod_serve.v1.core.kv_accounting import kv_usage, request_kv
+from pmod_serve.v1.core.kv_cache_manager import PmodAttentionManager, PmodKVCacheManager
+from pmod_serve.v1.metrics.prometheus import KVMetricsWriter
+
+# Block-table gauges are recomputed at most this often (seconds), and whenever the engine idles.
+USAGE_PUBLISH_INTERVAL = 0.05
+
+
+class PmodSchedulerMixin:
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        model_config = self.vllm_config.model_config
+        layout = image_layout_of(model_config.hf_config, model_config.model)
+        self.target_policy = TargetPolicy.from_config(model_config.hf_config, layout)
+        self.request_targets: dict[str, RequestTargets] = {}
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        if len(managers) != 1 or not isinstance(managers[0], PmodAttentionManager):
+            raise RuntimeError(
+                "p-MoD: expected the KV cache as one PmodAttentionSpec group, got "
+                f"{[type(m).__name__ for m in managers]}"
+            )
+        self.pmod_kv_manager: PmodAttentionManager = managers[0]
+        # Prefix-cache lookups need the request's visual span: the p-MoD manager does them.
+        if type(self.kv_cache_manager) is not KVCacheManager:
+            raise RuntimeError(f"p-MoD: unexpected KV cache manager {type(self.kv_cache_manager).__name__}")
+        self.kv_cache_manager.__class__ = PmodKVCacheManager
+        self.kv_cache_manager.pmod_manager = self.pmod_kv_manager
+        served_name = self.vllm_config.model_config.served_model_name
+        self.pmod_metrics = KVMetricsWriter(
+            model_name=served_name[0] if isinstance(served_name, list) else served_name,
+            # The engine's index among data-parallel engines, as vLLM labels its own series:
+            # for a dense model vLLM resets data_parallel_rank to 0 in every engine core
+            # (its ranks are independent) and keeps the index in data_parallel_index.
+            engine_index=self.vllm_config.parallel_config.data_parallel_index,
+        )
+        self.pmod_metrics.initialise()
+        # Requests with images whose prefill has not been counted in the metrics yet.
+        self._awaiting_prefill: dict[str, Request] = {}
+        self._usage_published_at = 0.0
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id not in self.request_targets:
+            targets = self.target_policy.targets_of(request.mm_features, request.num_prompt_tokens)
+            start, end = targets.span
+            if end - start > self.max_num_scheduled_tokens:
+                raise ValueError(
+                    f"request {request.request_id}: its visual tokens span {end - start} "
+                    f"positions, more than one step can hold ({self.max_num_scheduled_tokens}); "
+                    "raise --max-num-batched-tokens"
+                )
+            self.request_targets[request.request_id] = targets
+            self.pmod_kv_manager.add_request_targets(request.request_id, targets)
+            if any(f.modality == "image" for f in request.mm_features or ()):
+                self._awaiting_prefill[request.request_id] = request
+        super().add_request(request)
+
+    def _try_schedule_encoder_inputs(
+        self,
+        request: Request,
+        num_computed_tokens: int,
+        num_new_tokens: int,
+        encoder_compute_budget: int,
+        shift_computed_tokens: int = 0,
+    ):
+        scheduled = super()._try_schedule_encoder_inputs(
+            request, num_computed_tokens, num_new_tokens, encoder_compute_budget, shift_computed_tokens
+        )
+        encoder_inputs, scheduled_tokens, _, _ = scheduled
+        targets = self.request_targets.get(request.request_id)
+        if targets is None or not targets.ranges:
+            return scheduled
+        start, end = targets.span
+        step_end = num_computed_tokens + scheduled_tokens
+        if num_computed_tokens < end and start < step_end < end:
+            # The step would end inside the visual span: stop before it instead and leave the
+            # images for a later step, which then takes the whole span.
+            return [], max(0, start - num_computed_tokens), encoder_compute_budget, []
+        return scheduled
+
+    def _free_blocks(self, request: Request) -> None:
+        self._count_prefill(request)
+        held = request_kv(self, request)
+        if held is not None:
+            self.pmod_metrics.observe_request(held.savings_ratio)
+        super()._free_blocks(request)
+        # Kept across preemption (blocks are freed and re-allocated), dropped once finished.
+        self.request_targets.pop(request.request_id, None)
+        self.pmod_kv_manager.drop_request(request.request_id)
+        self._awaiting_prefill.pop(request.request_id, None)
+        if not self.requests:
+            self._publish_usage(force=True)  # an idle engine may not schedule again soon
+
+    # --- metrics: what the block tables hold -------------------------------------------------
+
+    def schedule(self, *args, **kwargs):
+        output = super().schedule(*args, **kwargs)
+        self._publish_usage()
+        return output
+
+    def update_from_output(self, *args, **kwargs):
+        outputs = super().update_from_output(*args, **kwargs)
+        for request in list(self._awaiting_prefill.values()):
+            self._count_prefill(request)
+        self._publish_usage(force=not self.requests)
+        return outputs
+
+    def _count_prefill(self, request: Request) -> None:
+        """Once per request, when its visual tokens have been prefilled."""
+        targets = self.request_targets.get(request.request_id)
+        if targets is None or request.request_id not in self._awaiting_prefill:
+            return
+        if request.num_computed_tokens < max(targets.span[1], 1) or not request.mm_features:
+            return
+        del self._awaiting_prefill[request.request_id]
+        if self.pmod_kv_manager.prefix_hits.get(request.request_id, 0) >= targets.span[1]:
+            return  # its images came from the prefix cache: nothing prefilled, no slot taken
+        visual_tokens = sum(f.mm_position.length for f in request.mm_features if f.modality == "image")
+        slots_saved = self.pmod_kv_manager.layouts[request.request_id].total_skipped
+        self.pmod_metrics.add_prefill(visual_tokens, slots_saved)
+
+    def _publish_usage(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._usage_published_at < USAGE_PUBLISH_INTERVAL:
+            return
+        self._usage_published_at = now
+        usage = kv_usage(self)
+        self.pmod_metrics.set_usage(usage.layer_blocks, usage.dense_layer_blocks)
+
+
+class PmodScheduler(PmodSchedulerMixin, Scheduler):
+    pass
+
+
+class PmodAsyncScheduler(PmodSchedulerMixin, AsyncScheduler):
+    pass
+
+
+def make_pmod_scheduler(*args, **kwargs):
+    """`scheduler_cls` entry point: the p-MoD scheduler on vLLM's async or sync base.
+
+    The engine decides `async_scheduling` after the config hook runs, so the choice is made here,
+    when the engine core builds its scheduler.
+    """
+    async_scheduling = kwargs["vllm_config"].scheduler_config.async_scheduling
+    return (PmodAsyncScheduler if async_scheduling else PmodScheduler)(*args, **kwargs)

@@ -1,0 +1,1 @@
+"""Like `vllm.v1.sample`: the sampler and logits processors."""

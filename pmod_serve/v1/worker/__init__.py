@@ -1,0 +1,1 @@
+"""Like `vllm.v1.worker`: the p-MoD model runner, workers and block tables."""
