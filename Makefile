@@ -16,12 +16,16 @@ train: setup          ## retrain the committed shapes checkpoints (p-MoD, then d
 accuracy: setup       ## held-out accuracy, p-MoD vs dense vs reference, served by vLLM (benchmarks/results/accuracy.json)
 	.venv/bin/python -m benchmarks.accuracy
 
+# Two test processes (pytest-xdist). Each engine or server starts in one of them, and the tests
+# that use it run there (tests/conftest.py: xdist_group per engine, longest groups handed out first).
+PYTEST_PARALLEL ?= -n 2 --dist loadgroup --no-loadscope-reorder
+
 test: setup deploy-tools  ## lint + the whole test suite (what CI runs)
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q $(PYTEST_PARALLEL)
 
 test-fast: setup      ## unit tests only (no vLLM engine)
-	.venv/bin/python -m pytest -q -m "not engine"
+	.venv/bin/python -m pytest -q -m "not engine" $(PYTEST_PARALLEL)
 
 lint: setup
 	.venv/bin/ruff check .

@@ -1,6 +1,8 @@
 """Shared fixtures: tiny checkpoints, test images, cached reference outputs, shared engines.
 
 Engines are expensive on CPU (~30-60 s to start), so each kind is started once per session.
+`make test` runs the suite in two processes (pytest-xdist, `--dist loadgroup`): the tests that
+share an engine or server run in the process that started it (see SHARED_INSTANCES).
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Engines in this process run their core in-process, so tests can read the scheduler's state.
 # (Server tests start their own processes with vLLM's default multiprocessing.)
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+# Under pytest-xdist (`make test`: two test processes on a 2-core machine), one OpenMP thread per
+# process, and each process's server engines bound to a core of their own: otherwise in-process
+# engines of both processes run 2 threads each on 2 cores and spin against each other, and every
+# server's engine binds to core 0 (vLLM's automatic binding reserves the last core).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... in an xdist worker
+if XDIST_WORKER and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _cores = sorted(os.sched_getaffinity(0))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(_cores[int(XDIST_WORKER[2:]) % len(_cores)]))
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("PMOD_TEST_CACHE", REPO / ".cache" / "tests"))
@@ -37,10 +48,126 @@ ENGINE_FIXTURES = {
 }
 
 
+# Engines and servers that live once per test process (session-scoped), by the fixture that
+# gives them: under pytest-xdist (`--dist loadgroup`), every test that uses one runs in the same
+# process (xdist_group), so each starts once, and a test that reads its counters (metrics
+# deltas, an idle block pool) sees no other test's requests in flight. Tests parametrized over
+# the `server` fixture below use the server of their parameter.
+SHARED_INSTANCES = {
+    "pmod_server": "pmod-server", "plain_server": "plain-server", "plain_vllm_server": "plain-server",
+    "keyed_servers": "keyed-servers",
+    "llm_next": "llm-next", "llm_v15": "llm-v15", "llm_small_pool": "llm-small-pool", "llm_prefix": "llm-prefix",
+    "llm_prefix_small_pool": "llm-prefix-small-pool", "llm_trained": "llm-trained", "served": "llm-trained",
+}
+SERVER_PARAMS = {"pmod-serve": "pmod_server", "vllm serve": "plain_server"}
+# Modules kept in one process for their session-scoped fixtures (deploy checks run once).
+MODULE_GROUPS = {"test_deploy.py": "deploy"}
+# Under xdist, these groups are handed out first (one to each process), each starting with its
+# soak (test_soak.py: a fixed 100+ s of traffic), so that the two soaks run side by side; the
+# rest of the suite follows.
+FIRST_GROUPS = ("pmod-server", "plain-server")
+FIRST_MODULES = ("test_soak.py",)
+
+
+def _instances(item) -> set[str]:
+    names = set(getattr(item, "fixturenames", ())) | _session_servers(item)
+    return {SHARED_INSTANCES[name] for name in names if name in SHARED_INSTANCES}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups and `-m` deselects
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if ENGINE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.engine)
+    # One group per shared instance; a test using two joins their groups (none does today).
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
+        return name
+
+    used = {item.nodeid: sorted(_instances(item)) for item in items}
+    for names in used.values():
+        for name in names[1:]:
+            parent[root(name)] = root(names[0])
+    for item in items:
+        if _group(item):
+            continue
+        group = root(used[item.nodeid][0]) if used[item.nodeid] else MODULE_GROUPS.get(item.path.name)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    if XDIST_WORKER:
+        # Hand out the longest groups first, then engine tests, then the rest (with
+        # `--no-loadscope-reorder`, xdist follows this order); collection order within each,
+        # but FIRST_MODULES first.
+        def rank(item) -> tuple[int, bool]:
+            tier = 0 if _group(item) in FIRST_GROUPS else 1 if item.get_closest_marker("engine") else 2
+            return tier, item.path.name not in FIRST_MODULES
+
+        items.sort(key=rank)
+        if os.environ.get(GROUPS_FILE_VAR):
+            _write_groups(items, Path(os.environ[GROUPS_FILE_VAR]))
+
+
+# pytest-xdist 3.8 passes a test's xdist_group to its scheduler by renaming the test's node id,
+# which pytest 9.2 no longer lets it do (pytest-xdist issue #1386): `--dist loadgroup` would
+# silently spread every group over the workers. So each worker writes the groups of its
+# collection to a file the controller names, and the controller's scheduler reads them there.
+GROUPS_FILE_VAR = "PMOD_TEST_XDIST_GROUPS"
+
+
+def _group(item) -> str | None:
+    return next((str(m.args[0]) for m in item.iter_markers("xdist_group") if m.args), None)
+
+
+def _write_groups(items, path: Path) -> None:
+    groups = {item.nodeid: group for item in items if (group := _group(item))}
+    tmp = path.with_name(f"{path.name}.{XDIST_WORKER}")
+    tmp.write_text(json.dumps(groups))
+    os.replace(tmp, path)  # every worker collects the same tests, so writes the same groups
+
+
+def pytest_configure(config):
+    if not XDIST_WORKER and getattr(config.option, "dist", "no") == "loadgroup" and not os.environ.get(GROUPS_FILE_VAR):
+        import tempfile
+
+        config._pmod_groups_dir = tempfile.mkdtemp(prefix="pmod-xdist-groups-")
+        os.environ[GROUPS_FILE_VAR] = str(Path(config._pmod_groups_dir) / "groups.json")  # workers inherit it
+
+
+def pytest_unconfigure(config):
+    directory = getattr(config, "_pmod_groups_dir", None)
+    if directory:
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
+        os.environ.pop(GROUPS_FILE_VAR, None)
+
+
+try:
+    from xdist.scheduler import LoadGroupScheduling
+except ImportError:  # pytest-xdist not installed: the suite runs in one process
+    LoadGroupScheduling = None
+else:
+
+    class _FileGroupScheduling(LoadGroupScheduling):
+        """`--dist loadgroup` with the groups the workers wrote (see GROUPS_FILE_VAR)."""
+
+        _groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self._groups is None:  # first called once every worker has collected
+                path = os.environ.get(GROUPS_FILE_VAR)
+                self._groups = json.loads(Path(path).read_text()) if path and Path(path).exists() else {}
+            group = self._groups.get(nodeid)
+            return f"group:{group}" if group else super()._split_scope(nodeid)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(config, log):
+        if config.getvalue("dist") == "loadgroup":
+            return _FileGroupScheduling(config, log)
+        return None
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -78,18 +205,28 @@ def make_image(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(((base + noise) % 256).astype(np.uint8))
 
 
+def cache_lock(name: str):
+    """A lock on CACHE/<name> shared by the test processes (pytest-xdist workers, other runs)."""
+    from filelock import FileLock
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(CACHE / f".{name}.lock"))
+
+
 @pytest.fixture(scope="session")
 def tiny_next() -> Path:
     from model_registry import build_tiny_checkpoint
 
-    return build_tiny_checkpoint(CACHE / "tiny-next", variant="next", seed=0)
+    with cache_lock("tiny-next"):  # the builder is safe to race; the lock saves the second build
+        return build_tiny_checkpoint(CACHE / "tiny-next", variant="next", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_v15() -> Path:
     from model_registry import build_tiny_checkpoint
 
-    return build_tiny_checkpoint(CACHE / "tiny-v15", variant="v15", seed=0)
+    with cache_lock("tiny-v15"):
+        return build_tiny_checkpoint(CACHE / "tiny-v15", variant="v15", seed=0)
 
 
 # Reference tokens committed for the platform CI runs on, so a clean clone does not recompute
@@ -125,6 +262,17 @@ class ReferenceCache:
         path = CACHE / "reference" / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with cache_lock(f"reference-{key}"):  # another test process may be computing it
+            if path.exists():
+                return json.loads(path.read_text())
+            ids = self._compute(checkpoint, prompt, images, max_new_tokens)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(ids))
+            os.replace(tmp, path)  # readers never see a partial file
+        return ids
+
+    def _compute(self, checkpoint: Path, prompt: str, images: list[Image.Image], max_new_tokens: int) -> list[int]:
         if checkpoint not in self._references:
             from pmod_reference.model import PmodReference
 
@@ -135,12 +283,9 @@ class ReferenceCache:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            ids = self._references[checkpoint].generate(prompt, images, max_new_tokens)
+            return self._references[checkpoint].generate(prompt, images, max_new_tokens)
         finally:
             torch.set_num_threads(threads)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(ids))
-        return ids
 
 
 @pytest.fixture(scope="session")
@@ -271,6 +416,7 @@ def pmod_server(tiny_next, tmp_path_factory):
     )
     try:
         server.wait_ready()
+        _RUNNING["pmod_server"] = server
         yield server
     finally:
         server.stop()
@@ -284,6 +430,40 @@ def plain_server(tiny_next, tmp_path_factory):
                            log_path=tmp_path_factory.mktemp("logs") / "vllm-serve.log")
     try:
         server.wait_ready()
+        _RUNNING["plain_server"] = server
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(params=list(SERVER_PARAMS), scope="module")
+def server(request):
+    """Each entry point's session server in turn: `pmod_server`, then `plain_server`."""
+    return request.getfixturevalue(SERVER_PARAMS[request.param])
+
+
+# The session servers hold ~3.5 GB each. Each is stopped right after the last test that uses it
+# (in collection order, which is also the order within an xdist process: a server's tests form
+# one group), rather than at the end of the session, so later engines have the memory.
+_RUNNING: dict[str, ServerProcess] = {}
+_LAST_USER: dict[str, str] = {}  # session server fixture -> node id of its last test
+
+
+def _session_servers(item) -> set[str]:
+    names = set(getattr(item, "fixturenames", ()))
+    callspec = getattr(item, "callspec", None)
+    if "server" in names and callspec is not None and "server" in callspec.params:
+        names.add(SERVER_PARAMS[callspec.params["server"]])
+    return names & set(SERVER_PARAMS.values())
+
+
+def pytest_collection_finish(session):
+    for item in session.items:  # after deselection
+        for name in _session_servers(item):
+            _LAST_USER[name] = item.nodeid
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    for name, last in _LAST_USER.items():
+        if last == nodeid and name in _RUNNING:
+            _RUNNING.pop(name).stop()

@@ -26,11 +26,6 @@ from conftest import ALLOWED_IMAGE_HOST, make_image
 from test_bad_input import CASES, png_header_only
 
 
-@pytest.fixture(params=["pmod-serve", "vllm serve"], scope="module")
-def server(request):
-    return request.getfixturevalue("pmod_server" if request.param == "pmod-serve" else "plain_server")
-
-
 @pytest.fixture(scope="module")
 def vocab_size(tiny_next) -> int:
     """The text vocabulary; the image placeholder id is this (one past it)."""
@@ -403,11 +398,19 @@ def test_bad_input_classes_under_plain_vllm_serve(plain_server, case):
 
 
 
-def test_nothing_held_after_all_of_the_above(pmod_server, plain_server):
-    """Last in this module: after every refusal and option above, on both servers, no KV block
-    is held and no request is running or waiting."""
+# Last in this module: after every refusal and option above, no KV block is held and no request
+# is running or waiting. One test per server, so that each runs in the process of its server's
+# other tests under pytest-xdist (tests/conftest.py).
+def assert_nothing_held(server) -> None:
     from test_aborts import wait_idle
 
-    for server in (pmod_server, plain_server):
-        assert wait_idle(server, timeout=120) == {"pmod_kv_blocks_in_use": 0, "vllm:kv_cache_usage_perc": 0,
-                                                  "vllm:num_requests_running": 0, "vllm:num_requests_waiting": 0}
+    assert wait_idle(server, timeout=120) == {"pmod_kv_blocks_in_use": 0, "vllm:kv_cache_usage_perc": 0,
+                                              "vllm:num_requests_running": 0, "vllm:num_requests_waiting": 0}
+
+
+def test_nothing_held_after_all_of_the_above_pmod_serve(pmod_server):
+    assert_nothing_held(pmod_server)
+
+
+def test_nothing_held_after_all_of_the_above_vllm_serve(plain_server):
+    assert_nothing_held(plain_server)

@@ -57,9 +57,7 @@ async def traffic(server, seconds: float, seed: int) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("entry_point", ["pmod-serve", "vllm serve"])
-def test_soak_with_random_aborts(request, entry_point):
-    server = request.getfixturevalue("pmod_server" if entry_point == "pmod-serve" else "plain_server")
+def test_soak_with_random_aborts(server):  # conftest's `server`: pmod-serve, then plain vllm serve
     asyncio.run(traffic(server, 15, seed=1))  # warm-up: caches, allocator pools
     assert wait_idle(server)["pmod_kv_blocks_in_use"] == 0
     rss_before = tree_rss(server.process.pid)
