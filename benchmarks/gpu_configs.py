@@ -300,6 +300,9 @@ def merge(dirs: list[Path]) -> dict:
 
     fp8_kv = fp8_entry("fp8_kv")
     fp8_weights = fp8_entry("fp8_weights")
+    # The dense control says whether a p-MoD policy miss is FP8's alone (it does not decide the pass).
+    fp8_weights["quality_trained_tiny_dense_control"] = (
+        (sections.get("tiny_dense_quality", {}).get("fp8_weights") or {}).get("quality"))
     chat = (fp8.get("chat") or {}).get("fp8_weights")
     return {
         "gpu": gpu,
