@@ -7,8 +7,9 @@
 #       -e VLLM_API_KEY=... pmod-serve:dev                      # serves $PMOD_MODEL
 #   docker run ... pmod-serve:dev MCG-NJU/p-MoD-LLaVA-v1.5-7B --max-model-len 4096
 #
-# The base image tag, the transformers pin, the UID, the port and the health path are checked
-# against the rest of the repo by `make deploy-check` (deploy/check.py). No image is built there.
+# `make deploy-check` lints this file (hadolint) and checks the base image tag, the transformers
+# pin, the UID, the port and the health path against the rest of the repo (deploy/check.py).
+# No image is built there.
 
 FROM vllm/vllm-openai:v0.26.0
 
@@ -53,9 +54,12 @@ else 'version pin, vllm.general_plugins entry point or pmod-serve console script
 
 COPY --chmod=0755 deploy/docker-entrypoint.sh /usr/local/bin/pmod-entrypoint
 
+# Non-root user `pmod`: UID 10001 (above 10000, so it maps to no user of the host), GID 0 like
+# the base image's own users (group-0 writable dirs). -l: no lastlog/faillog entry for a high UID.
 # Model cache: Hugging Face hub cache lives on a volume (a PVC in deploy/k8s).
-RUN mkdir -p /models \
-    && chown 2000:0 /models \
+RUN useradd -l --uid 10001 --gid 0 --create-home --home-dir /home/pmod --shell /usr/sbin/nologin pmod \
+    && mkdir -p /models \
+    && chown 10001:0 /models \
     && chmod 0775 /models
 
 ENV HF_HOME=/models \
@@ -64,14 +68,13 @@ ENV HF_HOME=/models \
     VLLM_USE_V2_MODEL_RUNNER=0 \
     VLLM_NO_USAGE_STATS=1 \
     DO_NOT_TRACK=1 \
-    HOME=/home/vllm
+    HOME=/home/pmod
 
 VOLUME ["/models"]
 
-# Non-root: the base image already has user `vllm` (UID 2000, GID 0, HOME /home/vllm) for its
-# opt-in non-root target; we reuse it. deploy/k8s uses the same numbers (runAsUser/runAsGroup).
-USER 2000:0
-WORKDIR /home/vllm
+# deploy/k8s runs the pods with the same numbers (runAsUser/runAsGroup; checked by deploy/check.py).
+USER 10001:0
+WORKDIR /home/pmod
 
 EXPOSE 8000
 

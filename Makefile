@@ -30,10 +30,10 @@ test-fast: setup      ## unit tests only (no vLLM engine)
 lint: setup
 	.venv/bin/ruff check .
 
-deploy-tools: setup   ## kustomize, schema validator, hadolint, shellcheck (pinned)
+deploy-tools: setup   ## checkov, kubernetes-validate, check-jsonschema, hadolint, shellcheck, yamllint (own venv), kustomize (pinned)
 	PYTHON=.venv/bin/python bash deploy/install-tools.sh
 
-deploy-check: deploy-tools  ## render and validate Docker/Kubernetes artefacts against the code
+deploy-check: deploy-tools  ## render, schema-check and policy-scan (checkov) the manifests; project rules against the code
 	.venv/bin/python deploy/check.py
 
 gpu-wheelhouse:       ## vLLM 0.26 wheels for the GPU host, in .gpu/p0..p3

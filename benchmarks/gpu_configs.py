@@ -60,8 +60,10 @@ from benchmarks.common import write_json
 from benchmarks.e2e_serve import gpu_name, kv_metrics_agree, ratio
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("tiny_tp", "dp2", "tp2", "fp8", "tiny_quality")
+SECTIONS = ("tiny_tp", "dp2", "tp2", "fp8", "tiny_quality", "tiny_dense_quality")
 TRAINED_TINY = REPO / "pmod_train" / "checkpoints" / "shapes-pmod"
+# Trained like TRAINED_TINY, with every layer dense: the control for the fp8-weights quality check.
+TRAINED_TINY_DENSE = REPO / "pmod_train" / "checkpoints" / "shapes-dense"
 POLICIES = {
     "bf16": {"tie_margin": 0.1, "max_logprob_error": 0.25},
     "fp8": {"tie_margin": 0.5, "max_logprob_error": 1.0},
@@ -222,10 +224,13 @@ def section_fp8(args) -> dict:
     return {"runs": runs, **quality_report(runs, kv_base=runs["dense_bf16"])}
 
 
+TINY_FLAGS = ["--load-format", "auto", "--enforce-eager", "--attention-backend", "TRITON_ATTN",
+              "--max-model-len", "2048", "--gpu-memory-utilization", "0.3", "--tiny"]
+
+
 def section_tiny_quality(args) -> dict:
     tokenizer = TRAINED_TINY / "tokenizer.model"
-    flags = ["--load-format", "auto", "--enforce-eager", "--attention-backend", "TRITON_ATTN",
-             "--max-model-len", "2048", "--gpu-memory-utilization", "0.3", "--tiny"]
+    flags = TINY_FLAGS
     runs = {
         "bf16": bench(args.out, "tiny_pmod_bf16", "pmod", TRAINED_TINY, tokenizer, "quality,chat", *flags),
         "fp8_kv": bench(args.out, "tiny_pmod_fp8_kv", "pmod", TRAINED_TINY, tokenizer, "quality,chat", *flags,
@@ -236,10 +241,23 @@ def section_tiny_quality(args) -> dict:
     return {"checkpoint": str(TRAINED_TINY.relative_to(REPO)), "runs": runs, **quality_report(runs)}
 
 
+def section_tiny_dense_quality(args) -> dict:
+    """The same fp8-weights check on the dense control: is a policy miss p-MoD's or FP8's?"""
+    tokenizer = TRAINED_TINY_DENSE / "tokenizer.model"
+    runs = {
+        "bf16": bench(args.out, "tiny_dense_bf16", "pmod", TRAINED_TINY_DENSE, tokenizer, "quality", *TINY_FLAGS),
+        "fp8_weights": bench(args.out, "tiny_dense_fp8_weights", "pmod", TRAINED_TINY_DENSE, tokenizer, "quality",
+                             *TINY_FLAGS, "--quantization", "fp8"),
+    }
+    return {"checkpoint": str(TRAINED_TINY_DENSE.relative_to(REPO)), "runs": runs, **quality_report(runs)}
+
+
 def quality_report(runs: dict, kv_base: dict | None = None) -> dict:
     base = runs["bf16"].get("quality")
     report = {}
     for name in ("fp8_kv", "fp8_weights"):
+        if name not in runs:
+            continue
         other = runs[name].get("quality")
         report[name] = {"quality": compare_quality(base, other, **POLICIES["fp8"]) if base and other else None,
                         "errors": runs[name].get("errors"), "returncode": runs[name].get("returncode")}
@@ -282,6 +300,9 @@ def merge(dirs: list[Path]) -> dict:
 
     fp8_kv = fp8_entry("fp8_kv")
     fp8_weights = fp8_entry("fp8_weights")
+    # The dense control says whether a p-MoD policy miss is FP8's alone (it does not decide the pass).
+    fp8_weights["quality_trained_tiny_dense_control"] = (
+        (sections.get("tiny_dense_quality", {}).get("fp8_weights") or {}).get("quality"))
     chat = (fp8.get("chat") or {}).get("fp8_weights")
     return {
         "gpu": gpu,
@@ -319,7 +340,7 @@ def main(argv=None) -> int:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     functions = {"tiny_tp": section_tiny_tp, "dp2": section_dp2, "tp2": section_tp2, "fp8": section_fp8,
-                 "tiny_quality": section_tiny_quality}
+                 "tiny_quality": section_tiny_quality, "tiny_dense_quality": section_tiny_dense_quality}
     for name in args.sections:
         start = time.monotonic()
         try:

@@ -1,20 +1,18 @@
 """Deployment artefacts: `make deploy-check` (deploy/check.py) under pytest.
 
-Needs the tools from `deploy/install-tools.sh` (pinned Python tools, kustomize, the vLLM 0.26.0
-source). Without them these tests FAIL with a message saying so; they never skip. No network,
-Docker engine, cluster or GPU is used.
+Needs the tools from `deploy/install-tools.sh` (the pinned tool venv .cache/deploy-venv,
+check.py's libraries in this interpreter, kustomize). Without them these tests FAIL with a message
+saying so; they never skip. No network, Docker engine, cluster or GPU is used.
 
-Besides running the whole check, every family of checks is shown to *fail* on a deliberately broken
-copy of the artefacts, so that none of them passes vacuously.
+Besides running the whole check, every rule of check.py, and the maintained tools it runs, is
+shown to *fail* on a deliberately broken copy of a manifest or file, so that none passes vacuously.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
-import json
-import os
-import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -44,11 +42,11 @@ def _quiet():
 @pytest.fixture(scope="session")
 def tools():
     rep = _quiet()
-    t = check.check_tools(ROOT, rep)
+    t = check.check_tools(rep)
     if rep.failures:
         pytest.fail(
             "deploy-check tools are missing or not at the pinned versions; run "
-            "`deploy/install-tools.sh` (CI does this before the tests):\n" + _failures(rep),
+            "`deploy/install-tools.sh` (`make test` does this first):\n" + _failures(rep),
             pytrace=False,
         )
     return t
@@ -56,7 +54,7 @@ def tools():
 
 @pytest.fixture(scope="session")
 def facts(tools):
-    return check.load_vllm_facts(tools.vllm_src)
+    return check.serve_facts()
 
 
 @pytest.fixture(scope="session")
@@ -68,13 +66,19 @@ def rendered(tools):
 
 
 @pytest.fixture(scope="session")
-def dockerfile():
-    return check.parse_dockerfile((ROOT / "Dockerfile").read_text())
+def dockerfile(tools):
+    return check.parse_dockerfile(ROOT / "Dockerfile")
 
 
 @pytest.fixture(scope="session")
 def adapter_names(facts):
     return check.check_metrics(ROOT, facts, _quiet())
+
+
+@pytest.fixture(scope="session")
+def full_report(tools):
+    """One complete `deploy/check.py` run over this checkout (tools section included)."""
+    return check.run(ROOT)
 
 
 def _overlay(objs: list, name: str) -> list:
@@ -85,13 +89,20 @@ def _obj(objs: list, kind: str) -> dict:
     return next(o for o in objs if o["kind"] == kind)
 
 
+def _pod(objs: list) -> dict:
+    return _obj(objs, "Deployment")["spec"]["template"]["spec"]
+
+
 def _server(objs: list) -> dict:
-    return _obj(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    return _pod(objs)["containers"][0]
+
+
+def _lws(objs: list, part: str = "leaderTemplate") -> dict:
+    return _obj(objs, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"][part]
 
 
 def _lws_leader(objs: list) -> dict:
-    lwt = _obj(objs, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
-    return lwt["leaderTemplate"]["spec"]["containers"][0]
+    return _lws(objs)["spec"]["containers"][0]
 
 
 def _set_flag(c: dict, flag: str, value: str) -> None:
@@ -100,26 +111,29 @@ def _set_flag(c: dict, flag: str, value: str) -> None:
     args[args.index(flag) + 1] = value
 
 
+def _set_env(c: dict, name: str, value: str) -> None:
+    c["env"] = [e for e in c["env"] if e["name"] != name] + [{"name": name, "value": value}]
+
+
+def _drop(items: list, **match) -> None:
+    items[:] = [i for i in items if any(i.get(k) != v for k, v in match.items())]
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole check
 # ---------------------------------------------------------------------------------------------
-def test_tools_installed(tools):
-    assert tools.kustomize and tools.hadolint and tools.shellcheck and tools.vllm_src
-
-
-@pytest.fixture(scope="session")
-def full_report(tools):
-    """One complete `deploy/check.py` run over this checkout (tools section included)."""
-    return check.run(ROOT)
-
-
 def test_deploy_check_passes(full_report):
     rep = full_report
     assert not rep.failures, "make deploy-check fails:\n" + _failures(rep)
     sections = {s for s, _ in rep.passed}
-    assert sections == set(check.SECTIONS), (
-        f"sections without any passing check: {set(check.SECTIONS) - sections}"
-    )
+    assert sections == set(check.SECTIONS), f"sections without any passing check: {set(check.SECTIONS) - sections}"
+
+
+def test_checkov_ran_with_no_failure_and_every_skip_explained(full_report):
+    note = next(n for n in full_report.notes if n.startswith("checkov "))
+    assert " 0 failed" in note, note
+    skipped = {m for s, m in full_report.passed if s == "policy" and " skipped for " in m}
+    assert skipped, "no skipped checkov check reported"  # the image digest: see deploy/README.md
 
 
 def test_summary_states_what_was_not_validated(capsys):
@@ -136,39 +150,52 @@ def test_summary_states_what_was_not_validated(capsys):
 def test_missing_kustomize_fails(monkeypatch, tmp_path):
     monkeypatch.setenv("KUSTOMIZE", str(tmp_path / "no-such-kustomize"))
     rep = _quiet()
-    check.check_tools(ROOT, rep)
+    check.check_tools(rep)
     assert "cannot run kustomize" in _failures(rep)
 
 
-def test_missing_vllm_source_fails(monkeypatch, tmp_path):
-    monkeypatch.setenv("VLLM_SRC", str(tmp_path))
+def test_missing_tool_venv_fails(monkeypatch, tmp_path):
+    monkeypatch.setattr(check, "DEPLOY_VENV", tmp_path)
     rep = _quiet()
-    check.check_tools(ROOT, rep)
-    assert "vLLM 0.26.0 source not found" in _failures(rep)
-
-
-def test_vllm_facts_from_source(facts):
-    assert {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"} <= set(facts.metrics)
-    assert facts.metrics["vllm:time_to_first_token_seconds"] == "histogram"
-    series = facts.series()
-    assert "vllm:request_success_total" in series and "vllm:request_success" not in series
-    assert {
-        "--tensor-parallel-size",
-        "--pipeline-parallel-size",
-        "--distributed-executor-backend",
-        "--max-model-len",
-        "--api-key",
-        "--port",
-    } <= facts.flags
-    assert "--max-model-length" not in facts.flags
-    assert {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"} <= facts.routes
-    assert facts.default_port == 8000
-    assert facts.image_user == (2000, 0, "/home/vllm")
-    assert "VLLM_USE_V2_MODEL_RUNNER" in facts.env_vars and "VLLM_API_KEY" in facts.env_vars
+    check.check_tools(rep)
+    assert "packages at the pinned versions: run deploy/install-tools.sh" in _failures(rep)
 
 
 # ---------------------------------------------------------------------------------------------
-# k8s semantics: each mutation of the rendered manifests must produce the expected failure
+# what check.py reads from the code
+# ---------------------------------------------------------------------------------------------
+def test_serve_facts_come_from_vllm_and_pmod_serve(facts):
+    assert {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"} <= facts.routes
+    assert "/healthz" not in facts.routes
+    assert facts.default_port == 8000
+    assert {"VLLM_USE_V2_MODEL_RUNNER", "VLLM_API_KEY", "VLLM_HOST_IP"} <= facts.env_vars
+    assert facts.series["vllm:request_success_total"] == "counter" and "vllm:request_success" not in facts.series
+    assert facts.series["vllm:time_to_first_token_seconds_bucket"] == "histogram"
+    assert facts.series["vllm:num_requests_waiting"] == "gauge"
+    assert facts.series["pmod_visual_tokens_total"] == "counter"
+    assert facts.pmod_listed == set(check.load_metric_names(ROOT))
+
+
+def test_pmod_serve_args_go_through_both_parsers():
+    ns = check.parse_pmod_serve(["m", "--port", "8000", "-tp", "2", "--media-max-bytes", "10"])
+    assert (ns.tensor_parallel_size, ns.pipeline_parallel_size, ns.port) == (2, 1, 8000)
+    assert ns.shutdown_timeout == 30  # pmod-serve's default, not vLLM's 0
+    with pytest.raises(check.ArgsError, match="--max-model-length"):
+        check.parse_pmod_serve(["m", "--max-model-length", "4096"])
+    with pytest.raises(check.ArgsError, match="--media-max-bytes"):
+        check.parse_pmod_serve(["m", "--media-max-bytes", "lots"])
+
+
+def test_lws_is_scanned_as_its_pod_templates(rendered):
+    objs = check.as_scanned(_overlay(rendered, "multinode"))
+    pods = [o for o in objs if o["kind"] == "Pod"]
+    assert not [o for o in objs if o["kind"] == "LeaderWorkerSet"] and len(pods) == 2
+    assert all("CKV_K8S_43" in o["metadata"]["annotations"]["checkov.io/skip1"] for o in pods)
+    assert {o["metadata"]["labels"]["app.kubernetes.io/component"] for o in pods} == {"server", "ray-worker"}
+
+
+# ---------------------------------------------------------------------------------------------
+# k8s rules: each mutation of the rendered manifests must produce the expected failure
 # ---------------------------------------------------------------------------------------------
 def test_k8s_checks_pass_on_the_rendered_manifests(rendered, facts, adapter_names, dockerfile):
     rep = _quiet()
@@ -176,24 +203,44 @@ def test_k8s_checks_pass_on_the_rendered_manifests(rendered, facts, adapter_name
     assert not rep.failures, _failures(rep)
 
 
-def _set_env(c: dict, name: str, value: str) -> None:
-    c["env"] = [e for e in c["env"] if e["name"] != name] + [{"name": name, "value": value}]
+NOT_PMOD_SERVE_ARGS = "args are not valid `pmod-serve` arguments"
+PP_MSG = "no pipeline parallelism (p-MoD supports TP only"
+API_KEY_MSG = "VLLM_API_KEY_FILE is a file of Secret pmod-serve-api-key"
 
-
-K8S_MUTATIONS: dict[str, tuple[str, Callable[[list], None], str]] = {
+K8S_MUTATIONS: dict[str, tuple[str, Callable[[list], object], str]] = {
     "service port": (
         "single-gpu",
         lambda o: _obj(o, "Service")["spec"]["ports"][0].update(port=8080),
         "Service port http == 8000",
     ),
-    "unknown vllm flag": (
+    "unknown flag": (
         "single-gpu",
         lambda o: _server(o)["args"].extend(["--max-model-length", "4096"]),
-        "`pmod-serve --max-model-length` is a `vllm serve` flag of vLLM 0.26.0 or a pmod-serve option",
+        f"{NOT_PMOD_SERVE_ARGS}: unrecognized arguments: --max-model-length",
+    ),
+    "flag value vLLM's parser refuses": (
+        "tp2",
+        lambda o: _set_flag(_server(o), "--limit-mm-per-prompt", "{image: 1}"),
+        f"{NOT_PMOD_SERVE_ARGS}: argument --limit-mm-per-prompt",
+    ),
+    "flag value pmod-serve's parser refuses": (
+        "single-gpu",
+        lambda o: _server(o)["args"].extend(["--media-max-bytes", "10MB"]),
+        f"{NOT_PMOD_SERVE_ARGS}: argument --media-max-bytes",
+    ),
+    "stray positional argument": (
+        "single-gpu",
+        lambda o: _server(o)["args"].append("extra"),
+        "no stray positional argument",
+    ),
+    "port flag": (
+        "single-gpu",
+        lambda o: _server(o)["args"].extend(["--port", "9000"]),
+        "serves on port 8000",
     ),
     "grace period shorter than pmod-serve's drain": (
         "single-gpu",
-        lambda o: _obj(o, "Deployment")["spec"]["template"]["spec"].update(terminationGracePeriodSeconds=30),
+        lambda o: _pod(o).update(terminationGracePeriodSeconds=30),
         "terminationGracePeriodSeconds > preStop sleep + pmod-serve --shutdown-timeout",
     ),
     "shutdown timeout raised past the grace period": (
@@ -204,17 +251,57 @@ K8S_MUTATIONS: dict[str, tuple[str, Callable[[list], None], str]] = {
     "api key on the command line": (
         "single-gpu",
         lambda o: _server(o)["args"].extend(["--api-key", "x"]),
-        "--api-key on the command line",
+        "no --api-key in args",
     ),
-    "uid mismatch": (
+    "literal api key in the pod spec": (
         "single-gpu",
-        lambda o: _obj(o, "Deployment")["spec"]["template"]["spec"]["securityContext"].update(runAsUser=1000),
-        "pod runAsUser == Dockerfile USER uid (2000)",
+        lambda o: _set_env(_server(o), "VLLM_API_KEY", "hunter2"),
+        API_KEY_MSG,
     ),
-    "capabilities": (
+    "api key from another secret": (
         "tp2",
-        lambda o: _server(o)["securityContext"]["capabilities"].update(drop=[]),
-        "capabilities drop ALL",
+        lambda o: next(v for v in _pod(o)["volumes"] if v["name"] == "api-key")["secret"].update(secretName="other"),
+        API_KEY_MSG,
+    ),
+    "api key file outside the secret mount": (
+        "multinode",
+        lambda o: _set_env(_lws_leader(o), "VLLM_API_KEY_FILE", "/etc/api-key"),
+        API_KEY_MSG,
+    ),
+    "api key not required": (
+        "single-gpu",
+        lambda o: _set_env(_server(o), "PMOD_REQUIRE_API_KEY", "0"),
+        "PMOD_REQUIRE_API_KEY=1",
+    ),
+    "pod uid != Dockerfile USER": (
+        "single-gpu",
+        lambda o: _pod(o)["securityContext"].update(runAsUser=10002),
+        "pod runAsUser:runAsGroup == the Dockerfile's USER 10001:0",
+    ),
+    "pod gid != Dockerfile USER": (
+        "multinode",
+        lambda o: _lws(o, "workerTemplate")["spec"]["securityContext"].update(runAsGroup=1000),
+        "pod runAsUser:runAsGroup == the Dockerfile's USER 10001:0",
+    ),
+    "container uid != Dockerfile USER": (
+        "tp2",
+        lambda o: _server(o)["securityContext"].update(runAsUser=2000),
+        "container runAsUser (if set) == 10001",
+    ),
+    "read-only root without a writable HOME": (
+        "single-gpu",
+        lambda o: _drop(_server(o)["volumeMounts"], mountPath="/home/pmod"),
+        "root filesystem read-only, so /home/pmod",
+    ),
+    "read-only root without a writable /tmp": (
+        "multinode",
+        lambda o: _drop(_lws(o, "workerTemplate")["spec"]["containers"][0]["volumeMounts"], mountPath="/tmp"),
+        "root filesystem read-only, so /tmp",
+    ),
+    "shm on disk": (
+        "tp2",
+        lambda o: next(v for v in _pod(o)["volumes"] if v["name"] == "dshm")["emptyDir"].pop("medium"),
+        "/dev/shm is a memory-backed emptyDir",
     ),
     "gpus vs tensor parallel": (
         "tp2",
@@ -239,6 +326,11 @@ K8S_MUTATIONS: dict[str, tuple[str, Callable[[list], None], str]] = {
         lambda o: _server(o)["livenessProbe"]["httpGet"].update(port=8001),
         "livenessProbe port resolves to 8000",
     ),
+    "container port": (
+        "tp2",
+        lambda o: _server(o)["ports"][0].update(containerPort=8080),
+        "containerPort http == 8000",
+    ),
     "startup budget": (
         "single-gpu",
         lambda o: _server(o)["startupProbe"].update(failureThreshold=30),
@@ -254,22 +346,34 @@ K8S_MUTATIONS: dict[str, tuple[str, Callable[[list], None], str]] = {
         lambda o: _set_env(_server(o), "VLLM_USE_V2_MODEL_RUNNER", "1"),
         "VLLM_USE_V2_MODEL_RUNNER=0",
     ),
-    "literal api key": (
-        "single-gpu",
-        lambda o: _set_env(_server(o), "VLLM_API_KEY", "hunter2"),
-        "VLLM_API_KEY from Secret",
-    ),
     "hf home": (
         "single-gpu",
         lambda o: _set_env(_server(o), "HF_HOME", "/cache"),
-        "HF_HOME == Dockerfile HF_HOME",
+        "HF_HOME == the Dockerfile's HF_HOME",
+    ),
+    "model cache not on the PVC": (
+        "multinode",
+        lambda o: next(v for v in _lws(o)["spec"]["volumes"] if v["name"] == "model-cache").update(
+            persistentVolumeClaim={"claimName": "other"}
+        ),
+        "HF_HOME is mounted from a rendered PVC",
+    ),
+    "unsupported checkpoint": (
+        "single-gpu",
+        lambda o: _set_env(_server(o), "PMOD_MODEL", "llava-hf/llava-1.5-7b-hf"),
+        "serves a supported checkpoint",
+    ),
+    "command override": (
+        "single-gpu",
+        lambda o: _server(o).update(command=["vllm", "serve"]),
+        "uses the image entrypoint",
     ),
     "hpa metric": (
         "single-gpu",
         lambda o: _obj(o, "HorizontalPodAutoscaler")["spec"]["metrics"][0]["pods"]["metric"].update(
             name="vllm:num_requests_waiting"
         ),
-        "is produced by a prometheus-adapter rule",
+        "is a Pods metric produced by a prometheus-adapter rule",
     ),
     "hpa target": (
         "multinode",
@@ -305,12 +409,67 @@ K8S_MUTATIONS: dict[str, tuple[str, Callable[[list], None], str]] = {
         lambda o: _obj(o, "Service")["spec"].update(selector={"app.kubernetes.io/name": "pmod-serve"}),
         "does not select Ray workers",
     ),
+    "service selects nothing": (
+        "tp2",
+        lambda o: _obj(o, "Service")["spec"]["selector"].update({"app.kubernetes.io/component": "api"}),
+        "Service/pmod-serve selects the server pods",
+    ),
+    "service target port": (
+        "single-gpu",
+        lambda o: _obj(o, "Service")["spec"]["ports"][0].update(targetPort="metrics"),
+        "Service targetPort 'metrics' resolves to containerPort 8000",
+    ),
+    "servicemonitor port": (
+        "single-gpu",
+        lambda o: _obj(o, "ServiceMonitor")["spec"]["endpoints"][0].update(port="web"),
+        "ServiceMonitor port 'web' is a Service port",
+    ),
+    "servicemonitor path": (
+        "tp2",
+        lambda o: _obj(o, "ServiceMonitor")["spec"]["endpoints"][0].update(path="/prometheus"),
+        "ServiceMonitor path /prometheus is a vLLM route",
+    ),
+    "no networkpolicy": (
+        "single-gpu",
+        lambda o: o.remove(_obj(o, "NetworkPolicy")),
+        "a NetworkPolicy is rendered",
+    ),
+    "networkpolicy misses the workers": (
+        "multinode",
+        lambda o: _obj(o, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"].update(
+            {"app.kubernetes.io/component": "server"}
+        ),
+        "NetworkPolicy/pmod-serve selects every pod of the workload",
+    ),
+    "networkpolicy closes the server port": (
+        "tp2",
+        lambda o: _obj(o, "NetworkPolicy")["spec"]["ingress"][1]["ports"][0].update(port=9000),
+        "NetworkPolicy/pmod-serve admits the server port 8000",
+    ),
+    "networkpolicy splits a ray group": (
+        "multinode",
+        lambda o: _obj(o, "NetworkPolicy")["spec"]["ingress"].pop(0),
+        "lets the pods of a Ray group reach each other",
+    ),
     "lws without ray": (
         "multinode",
-        lambda o: _obj(o, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"][
-            "containers"
-        ][0]["args"].pop(0),
+        lambda o: _lws_leader(o)["args"].pop(0),
         "LWS leader starts the Ray head",
+    ),
+    "lws without the ray backend": (
+        "multinode",
+        lambda o: _set_flag(_lws_leader(o), "--distributed-executor-backend", "mp"),
+        "--distributed-executor-backend ray for a 2-pod group",
+    ),
+    "ray worker with serve flags": (
+        "multinode",
+        lambda o: _lws(o, "workerTemplate")["spec"]["containers"][0]["args"].append("--max-model-len"),
+        "ray worker takes no serve flags",
+    ),
+    "single pod starts ray": (
+        "single-gpu",
+        lambda o: _server(o)["args"].insert(0, "ray-head"),
+        "single-pod server does not start Ray",
     ),
     "lws group gpus": (
         "multinode",
@@ -324,18 +483,10 @@ K8S_MUTATIONS: dict[str, tuple[str, Callable[[list], None], str]] = {
             _set_flag(_lws_leader(o), "--tensor-parallel-size", "1"),
             _set_flag(_lws_leader(o), "--pipeline-parallel-size", "2"),
         ),
-        "no pipeline parallelism (p-MoD supports TP only",
+        PP_MSG,
     ),
-    "pipeline parallel short flag": (
-        "tp2",
-        lambda o: _server(o)["args"].extend(["-pp", "2"]),
-        "no pipeline parallelism (p-MoD supports TP only",
-    ),
-    "pipeline parallel flag=value": (
-        "single-gpu",
-        lambda o: _server(o)["args"].append("--pipeline-parallel-size=2"),
-        "no pipeline parallelism (p-MoD supports TP only",
-    ),
+    "pipeline parallel short flag": ("tp2", lambda o: _server(o)["args"].extend(["-pp", "2"]), PP_MSG),
+    "pipeline parallel flag=value": ("single-gpu", lambda o: _server(o)["args"].append("--pipeline-parallel-size=2"), PP_MSG),
     "lws tp below the group's gpus": (
         "multinode",
         lambda o: _set_flag(_lws_leader(o), "--tensor-parallel-size", "1"),
@@ -343,15 +494,50 @@ K8S_MUTATIONS: dict[str, tuple[str, Callable[[list], None], str]] = {
     ),
     "dashboard configmap drift": (
         "single-gpu",
-        lambda o: next(x for x in o if x["kind"] == "ConfigMap")["data"].update(
-            {"pmod-serve-dashboard.json": "{}"}
-        ),
+        lambda o: _obj(o, "ConfigMap")["data"].update({"pmod-serve-dashboard.json": "{}"}),
         "dashboard ConfigMap content ==",
+    ),
+    "dashboard configmap without the sidecar label": (
+        "tp2",
+        lambda o: _obj(o, "ConfigMap")["metadata"]["labels"].pop("grafana_dashboard"),
+        "grafana_dashboard=1 sidecar label",
     ),
     "pdb blocks drains": (
         "single-gpu",
         lambda o: _obj(o, "PodDisruptionBudget")["spec"].update(maxUnavailable=None, minAvailable=1),
         "does not block drains",
+    ),
+    "no namespace": (
+        "single-gpu",
+        lambda o: o.remove(_obj(o, "Namespace")),
+        "exactly one Namespace rendered",
+    ),
+    "two workloads": (
+        "tp2",
+        lambda o: o.append(copy.deepcopy(_obj(o, "Deployment")) | {"metadata": {"name": "other", "namespace": "pmod-serve"}}),
+        "one workload",
+    ),
+    "startup probe missing": (
+        "single-gpu",
+        lambda o: _server(o).pop("startupProbe"),
+        "startupProbe present",
+    ),
+    "pdb selects nothing": (
+        "tp2",
+        lambda o: _obj(o, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].update(
+            {"app.kubernetes.io/component": "api"}
+        ),
+        "PodDisruptionBudget selects the serving pods",
+    ),
+    "no dashboard configmap": (
+        "single-gpu",
+        lambda o: o.remove(_obj(o, "ConfigMap")),
+        "Grafana dashboard ConfigMap rendered",
+    ),
+    "two images": (
+        "tp2",
+        lambda o: _server(o).update(image="registry.example.com/pmod-serve:other"),
+        "all overlays use one image for registry.example.com/pmod-serve",
     ),
 }
 
@@ -366,6 +552,18 @@ def test_k8s_check_catches(case, rendered, facts, adapter_names, dockerfile):
     assert expected in _failures(rep), f"expected a failure containing {expected!r}, got:\n{_failures(rep)}"
 
 
+def test_pipeline_parallel_with_matching_gpu_count_is_still_caught(rendered, facts, adapter_names, dockerfile):
+    """TP=1 x PP=2 on the 2-GPU group passes the GPU arithmetic; only the PP rule rejects it."""
+    objs = copy.deepcopy(rendered)
+    leader = _lws_leader(_overlay(objs, "multinode"))
+    _set_flag(leader, "--tensor-parallel-size", "1")
+    _set_flag(leader, "--pipeline-parallel-size", "2")
+    rep = _quiet()
+    check.check_k8s(ROOT, objs, facts, adapter_names, dockerfile, rep)
+    fails = [m for _, m in rep.failures]
+    assert len(fails) == 1 and PP_MSG in fails[0] and "--pipeline-parallel-size 2" in fails[0], _failures(rep)
+
+
 def test_multinode_overlay_is_tensor_parallel_over_the_group(rendered):
     """The shipped LWS group runs TP over all its GPUs with PP 1 (p-MoD refuses PP > 1)."""
     objs = _overlay(rendered, "multinode")
@@ -374,34 +572,35 @@ def test_multinode_overlay_is_tensor_parallel_over_the_group(rendered):
         int(t["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * n
         for t, n in ((lwt["leaderTemplate"], 1), (lwt["workerTemplate"], int(lwt["size"]) - 1))
     )
-    _, _, pairs = check.parse_vllm_args([str(a) for a in _lws_leader(objs)["args"]])
-    fl = dict(pairs)
-    assert gpus >= 2
-    assert fl["--distributed-executor-backend"] == "ray"
-    assert int(fl["--tensor-parallel-size"]) == gpus
-    assert int(fl.get("--pipeline-parallel-size", "1")) == 1 and "-pp" not in fl
+    leader = _lws_leader(objs)
+    mode, argv = check.serve_argv(leader["args"], check._env(leader))
+    ns = check.parse_pmod_serve(argv)
+    assert mode == "ray-head" and not leader.get("command") and gpus >= 2
+    assert ns.distributed_executor_backend == "ray"
+    assert (ns.tensor_parallel_size, ns.pipeline_parallel_size) == (gpus, 1)
 
 
-def test_pipeline_parallel_with_matching_gpu_count_is_still_caught(
-    rendered, facts, adapter_names, dockerfile
-):
-    """TP=1 x PP=2 on the 2-GPU group passes the GPU arithmetic; only the PP check rejects it."""
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--media-allow-host", "10.0.0.0/8"),
+        ("--media-allowed-domain", "images.example.com"),
+        ("--media-max-bytes", "1000000"),
+        ("--media-timeout", "5"),
+    ],
+)
+def test_pmod_serve_options_are_accepted_in_manifests(flag, value, rendered, facts, adapter_names, dockerfile):
     objs = copy.deepcopy(rendered)
-    leader = _lws_leader(_overlay(objs, "multinode"))
-    _set_flag(leader, "--tensor-parallel-size", "1")
-    _set_flag(leader, "--pipeline-parallel-size", "2")
+    _server(_overlay(objs, "single-gpu"))["args"].extend([flag, value])
     rep = _quiet()
     check.check_k8s(ROOT, objs, facts, adapter_names, dockerfile, rep)
-    fails = [m for _, m in rep.failures]
-    assert (
-        len(fails) == 1 and "no pipeline parallelism" in fails[0] and "--pipeline-parallel-size 2" in fails[0]
-    ), _failures(rep)
+    assert not rep.failures, _failures(rep)
 
 
 # ---------------------------------------------------------------------------------------------
-# schema
+# schema (kubernetes-validate, check-jsonschema) and policy (checkov): the tools catch breakage
 # ---------------------------------------------------------------------------------------------
-SCHEMA_MUTATIONS: dict[str, tuple[str, Callable[[list], None], str]] = {
+SCHEMA_MUTATIONS: dict[str, tuple[str, Callable[[list], object], str]] = {
     "typo in a Deployment field": (
         "single-gpu",
         lambda o: _server(o).update(readinesProbe=_server(o).pop("readinessProbe")),
@@ -415,13 +614,11 @@ SCHEMA_MUTATIONS: dict[str, tuple[str, Callable[[list], None], str]] = {
     "LWS unknown field (hand-written schema)": (
         "multinode",
         lambda o: _obj(o, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"].update(sise=2),
-        "hand-written CRD schema",
+        "'sise' was unexpected",
     ),
     "LWS pod template checked with the real PodTemplateSpec": (
         "multinode",
-        lambda o: _obj(o, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"][
-            "containers"
-        ][0].update(imagePulPolicy="Always"),
+        lambda o: _lws(o, "workerTemplate")["spec"]["containers"][0].update(imagePulPolicy="Always"),
         "'imagePulPolicy' was unexpected",
     ),
     "ServiceMonitor interval": (
@@ -432,19 +629,57 @@ SCHEMA_MUTATIONS: dict[str, tuple[str, Callable[[list], None], str]] = {
     "unknown kind": (
         "single-gpu",
         lambda o: o.append({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}),
-        "no schema for example.com/v1 Widget",
+        "Couldn't find schema for kind Widget",
     ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(SCHEMA_MUTATIONS))
-def test_schema_check_catches(case, rendered):
+def test_schema_check_catches(case, rendered, tools):
     overlay, mutate, expected = SCHEMA_MUTATIONS[case]
     objs = copy.deepcopy(rendered)
     mutate(_overlay(objs, overlay))
     rep = _quiet()
-    check.check_schema(ROOT, objs, rep)
+    check.check_schema(ROOT, objs, tools, rep)
     assert expected in _failures(rep), f"expected a failure containing {expected!r}, got:\n{_failures(rep)}"
+
+
+POLICY_MUTATIONS: list[tuple[str, Callable[[list], object], str]] = [
+    # (overlay, mutation, expected failure): all applied at once, checkov runs once
+    (
+        "single-gpu",
+        lambda o: _server(o)["securityContext"].update(readOnlyRootFilesystem=False),
+        "checkov CKV_K8S_22 (Use read-only filesystem for containers where possible) failed for single-gpu: "
+        "Deployment.pmod-serve.pmod-serve",
+    ),
+    (
+        "single-gpu",
+        lambda o: _obj(o, "Deployment")["metadata"]["annotations"].update({"checkov.io/skip1": "CKV_K8S_43"}),
+        "checkov CKV_K8S_43 skipped for single-gpu: Deployment.pmod-serve.pmod-serve with a reason",
+    ),
+    # another overlay's NetworkPolicy (same namespace, same labels) must not count
+    ("tp2", lambda o: o.remove(_obj(o, "NetworkPolicy")), "checkov CKV2_K8S_6"),
+    (
+        "multinode",
+        lambda o: _lws(o, "workerTemplate")["spec"]["containers"][0]["securityContext"].update(
+            allowPrivilegeEscalation=True
+        ),
+        "checkov CKV_K8S_20 (Containers should not run with allowPrivilegeEscalation) failed for multinode: "
+        "Pod.pmod-serve.pmod-serve-workerTemplate",
+    ),
+]
+
+
+def test_policy_check_catches(rendered, tools):
+    objs = copy.deepcopy(rendered)
+    for overlay, mutate, _ in POLICY_MUTATIONS:
+        mutate(_overlay(objs, overlay))
+    rep = _quiet()
+    check.check_policy(objs, tools, rep)
+    got = _failures(rep)
+    missing = [expected for _, _, expected in POLICY_MUTATIONS if expected not in got]
+    assert not missing, f"expected failures containing {missing}, got:\n{got}"
+    assert "[policy] checkov CKV2_K8S_6" in got and "failed for tp2:" in got.split("CKV2_K8S_6")[1].splitlines()[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,19 +687,15 @@ def test_schema_check_catches(case, rendered):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def repo_copy(tmp_path, tools):
-    """A copy of the files deploy-check reads; the package dirs and deploy/.tools are symlinked."""
+    """A copy of the files deploy-check reads (real directories: a symlink is not followed into
+    Docker's build context; the trained checkpoints are left out)."""
     dst = tmp_path / "repo"
     dst.mkdir()
     shutil.copytree(ROOT / "deploy", dst / "deploy", ignore=shutil.ignore_patterns(".tools", "__pycache__"))
-    tools_dir = ROOT / "deploy" / ".tools"
-    if tools_dir.exists():
-        os.symlink(tools_dir, dst / "deploy" / ".tools")
     for f in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
-        if (ROOT / f).exists():
-            shutil.copy2(ROOT / f, dst / f)
+        shutil.copy2(ROOT / f, dst / f)
     for d in ("pmod_serve", "model_registry", "loadtests", "pmod_train"):
-        if (ROOT / d).exists():
-            os.symlink(ROOT / d, dst / d)
+        shutil.copytree(ROOT / d, dst / d, ignore=shutil.ignore_patterns("__pycache__", "checkpoints"))
     return dst
 
 
@@ -482,6 +713,8 @@ def _new_failures(root: Path, sections: list[str], tools, full_report) -> str:
     return "\n".join(f"[{s}] {m}" for s, m in rep.failures if m not in baseline)
 
 
+ENTRYPOINT_EXEC = 'exec pmod-serve "$model" --port "${PMOD_PORT}" "$@"'
+
 FILE_MUTATIONS: dict[str, tuple[list[str], str, str, str, str]] = {
     # name: (sections, file, old, new, expected failure)
     "base image tag": (
@@ -491,6 +724,7 @@ FILE_MUTATIONS: dict[str, tuple[list[str], str, str, str, str]] = {
         "FROM vllm/vllm-openai:v0.25.0",
         "FROM vllm/vllm-openai:v0.26.0",
     ),
+    "pyproject pin": (["docker"], "pyproject.toml", '"vllm==0.26.0"', '"vllm>=0.26.0"', "pyproject pins vllm==0.26.0"),
     "healthcheck port": (
         ["docker"],
         "Dockerfile",
@@ -498,14 +732,43 @@ FILE_MUTATIONS: dict[str, tuple[list[str], str, str, str, str]] = {
         "http://localhost:8001/health",
         "HEALTHCHECK targets port 8000",
     ),
+    "healthcheck path": (
+        ["docker"],
+        "Dockerfile",
+        "http://localhost:8000/health",
+        "http://localhost:8000/healthz",
+        "HEALTHCHECK path /healthz is a vLLM route",
+    ),
+    "expose": (["docker"], "Dockerfile", "EXPOSE 8000", "EXPOSE 8080", "EXPOSE 8000"),
     "transformers pin": (
         ["docker"],
         "Dockerfile",
         "ARG TRANSFORMERS_VERSION=5.16.0",
         "ARG TRANSFORMERS_VERSION=5.17.0",
-        "transformers pinned to 5.16.0",
+        "ARG TRANSFORMERS_VERSION == 5.16.0",
     ),
-    "user": (["docker"], "Dockerfile", "USER 2000:0", "USER 1000:0", "is the base image's existing user"),
+    "low uid": (["docker"], "Dockerfile", "USER 10001:0", "USER 2000:0", "USER is a numeric uid >= 10000"),
+    "user not created": (
+        ["docker"],
+        "Dockerfile",
+        "--uid 10001 --gid 0",
+        "--uid 10002 --gid 0",
+        "USER 10001:0 is created with HOME /home/pmod",
+    ),
+    "model cache not owned by the user": (
+        ["docker"],
+        "Dockerfile",
+        "chown 10001:0 /models",
+        "chown 0:0 /models",
+        "HF_HOME /models owned by 10001:0",
+    ),
+    "env var vLLM does not read": (
+        ["docker"],
+        "Dockerfile",
+        "VLLM_NO_USAGE_STATS=1",
+        "VLLM_NO_USAGE_STAT=1",
+        "ENV VLLM_NO_USAGE_STAT is read by vLLM",
+    ),
     "hadolint finding": (
         ["docker"],
         "Dockerfile",
@@ -534,10 +797,95 @@ FILE_MUTATIONS: dict[str, tuple[list[str], str, str, str, str]] = {
         "",
         "COPY source loadtests is not excluded by .dockerignore",
     ),
+    "Dockerfile build no longer asserts pmod-serve": (
+        ["docker"],
+        "Dockerfile",
+        " and shutil.which('pmod-serve')",
+        "",
+        "the build asserts vllm, transformers, the plugin entry point and the `pmod-serve` script",
+    ),
+    "entrypoint copied elsewhere": (
+        ["docker"],
+        "Dockerfile",
+        'ENTRYPOINT ["/usr/local/bin/pmod-entrypoint"]',
+        'ENTRYPOINT ["/usr/local/bin/entrypoint"]',
+        "ENTRYPOINT is the copied deploy/docker-entrypoint.sh",
+    ),
+    "Dockerfile user vs pods": (
+        ["k8s"],
+        "Dockerfile",
+        "USER 10001:0",
+        "USER 10002:0",
+        "pod runAsUser:runAsGroup == the Dockerfile's USER 10002:0",
+    ),
+    "Dockerfile HOME vs the pods' emptyDir": (
+        ["k8s"],
+        "Dockerfile",
+        "HOME=/home/pmod",
+        "HOME=/home/other",
+        "root filesystem read-only, so /home/other",
+    ),
+    "no volume at HF_HOME": (["docker"], "Dockerfile", 'VOLUME ["/models"]', 'VOLUME ["/data"]', "VOLUME at HF_HOME"),
+    "image selects the V2 runner": (
+        ["docker"],
+        "Dockerfile",
+        "VLLM_USE_V2_MODEL_RUNNER=0",
+        "VLLM_USE_V2_MODEL_RUNNER=1",
+        "ENV VLLM_USE_V2_MODEL_RUNNER=0",
+    ),
+    "image default model": (
+        ["docker"],
+        "Dockerfile",
+        "PMOD_MODEL=MCG-NJU/p-MoD-LLaVA-NeXT-7B",
+        "PMOD_MODEL=MCG-NJU/p-MoD-LLaVA-v1.5-7B",
+        "ENV PMOD_MODEL=MCG-NJU/p-MoD-LLaVA-NeXT-7B",
+    ),
+    "package installed with its dependencies": (
+        ["docker"],
+        "Dockerfile",
+        "pip install --no-cache-dir --no-deps .",
+        "pip install --no-cache-dir .",
+        "installs the package with --no-deps",
+    ),
+    "COPY source missing": (
+        ["docker"],
+        "Dockerfile",
+        "COPY model_registry ./model_registry",
+        "COPY model_registri ./model_registry",
+        "COPY source model_registri exists in the repo",
+    ),
+    "pyproject entry point": (
+        ["docker"],
+        "pyproject.toml",
+        'pmod = "pmod_serve.plugin:register"',
+        'pmod = "pmod_serve.plugin:setup"',
+        "pyproject entry point [vllm.general_plugins] pmod = pmod_serve.plugin:register",
+    ),
+    "pyproject console script": (
+        ["docker"],
+        "pyproject.toml",
+        'pmod-serve = "pmod_serve.entrypoints.server:main"',
+        'pmod-server = "pmod_serve.entrypoints.server:main"',
+        "pyproject console script pmod-serve",
+    ),
+    "entrypoint default model": (
+        ["entrypoint"],
+        "deploy/docker-entrypoint.sh",
+        'readonly DEFAULT_MODEL="MCG-NJU/p-MoD-LLaVA-NeXT-7B"',
+        'readonly DEFAULT_MODEL="MCG-NJU/p-MoD-LLaVA-v1.5-7B"',
+        "entrypoint default model == Dockerfile PMOD_MODEL == contract default",
+    ),
+    "entrypoint supported checkpoints": (
+        ["entrypoint"],
+        "deploy/docker-entrypoint.sh",
+        ' "MCG-NJU/p-MoD-LLaVA-v1.5-7B")',
+        ")",
+        "entrypoint lists the supported checkpoints",
+    ),
     "entrypoint drops extra args": (
         ["entrypoint"],
         "deploy/docker-entrypoint.sh",
-        'exec pmod-serve "$model" --port "${PMOD_PORT}" "$@"',
+        ENTRYPOINT_EXEC,
         'exec pmod-serve "$model" --port "${PMOD_PORT}"',
         "extra flags are passed through unchanged",
     ),
@@ -551,30 +899,37 @@ FILE_MUTATIONS: dict[str, tuple[list[str], str, str, str, str]] = {
     "entrypoint puts the key in argv": (
         ["entrypoint"],
         "deploy/docker-entrypoint.sh",
-        'exec pmod-serve "$model" --port "${PMOD_PORT}" "$@"',
+        ENTRYPOINT_EXEC,
         'exec pmod-serve "$model" --port "${PMOD_PORT}" --api-key "${VLLM_API_KEY:-}" "$@"',
         "not argv",
+    ),
+    "entrypoint ignores the key file": (
+        ["entrypoint"],
+        "deploy/docker-entrypoint.sh",
+        'if [[ -n "${VLLM_API_KEY_FILE:-}" ]]; then',
+        'if [[ -n "${VLLM_API_KEY_FILE_UNUSED:-}" ]]; then',
+        "VLLM_API_KEY_FILE (the mounted Secret) is read into VLLM_API_KEY",
     ),
     "entrypoint reverts to plain vllm serve": (
         ["entrypoint"],
         "deploy/docker-entrypoint.sh",
-        'exec pmod-serve "$model" --port "${PMOD_PORT}" "$@"',
+        ENTRYPOINT_EXEC,
         'exec vllm serve "$model" --port "${PMOD_PORT}" "$@"',
         "execs `pmod-serve $PMOD_MODEL --port 8000`",
     ),
     "entrypoint puts the checkpoint after the flags": (
         ["entrypoint"],
         "deploy/docker-entrypoint.sh",
-        'exec pmod-serve "$model" --port "${PMOD_PORT}" "$@"',
+        ENTRYPOINT_EXEC,
         'exec pmod-serve --port "${PMOD_PORT}" "$model" "$@"',
         "execs `pmod-serve $PMOD_MODEL --port 8000`",
     ),
-    "Dockerfile build no longer asserts pmod-serve": (
-        ["docker"],
-        "Dockerfile",
-        " and shutil.which('pmod-serve')",
-        "",
-        "checks the `pmod-serve` console script",
+    "entrypoint port": (
+        ["entrypoint"],
+        "deploy/docker-entrypoint.sh",
+        "readonly PMOD_PORT=8000",
+        "readonly PMOD_PORT=8080",
+        "entrypoint serves on port 8000",
     ),
     "entrypoint shellcheck": (
         ["entrypoint"],
@@ -588,14 +943,28 @@ FILE_MUTATIONS: dict[str, tuple[list[str], str, str, str, str]] = {
         "deploy/grafana/pmod-serve-dashboard.json",
         "sum(vllm:num_requests_waiting{",
         "sum(vllm:num_request_waiting{",
-        "metric vllm:num_request_waiting is neither",
+        "vllm:num_request_waiting is exported by vLLM 0.26.0 or listed in metric_names.txt: neither",
+    ),
+    "dashboard PromQL syntax": (
+        ["metrics"],
+        "deploy/grafana/pmod-serve-dashboard.json",
+        "sum(vllm:num_requests_waiting{",
+        "sum(vllm:num_requests_waiting{{",
+        "PromQL does not parse",
     ),
     "dashboard rate of a gauge": (
         ["metrics"],
         "deploy/grafana/pmod-serve-dashboard.json",
-        "sum(vllm:num_requests_running{",
-        "sum(rate(vllm:num_requests_running{",
+        'sum(vllm:num_requests_running{namespace=~\\"$namespace\\", model_name=~\\"$model_name\\"})',
+        'sum(rate(vllm:num_requests_running{namespace=~\\"$namespace\\", model_name=~\\"$model_name\\"}[5m]))',
         "gauge vllm:num_requests_running not rate()d",
+    ),
+    "dashboard counter without rate": (
+        ["metrics"],
+        "deploy/grafana/pmod-serve-dashboard.json",
+        'sum(rate(vllm:prompt_tokens_total{namespace=~\\"$namespace\\", model_name=~\\"$model_name\\"}[$__rate_interval]))',
+        'sum(vllm:prompt_tokens_total{namespace=~\\"$namespace\\", model_name=~\\"$model_name\\"})',
+        "counter vllm:prompt_tokens_total used through rate()/increase()",
     ),
     "dashboard quantile without le": (
         ["metrics"],
@@ -604,19 +973,103 @@ FILE_MUTATIONS: dict[str, tuple[list[str], str, str, str, str]] = {
         "histogram_quantile(0.5, sum by (pod) (rate(vllm:inter_token_latency_seconds_bucket",
         "used in histogram_quantile(... by (le) ...)",
     ),
+    "dashboard undefined variable": (
+        ["metrics"],
+        "deploy/grafana/pmod-serve-dashboard.json",
+        'num_requests_waiting{namespace=~\\"$namespace\\"',
+        'num_requests_waiting{namespace=~\\"$nspace\\"',
+        "variable $nspace is defined",
+    ),
+    "dashboard without its datasource variable": (
+        ["metrics"],
+        "deploy/grafana/pmod-serve-dashboard.json",
+        '"query": "prometheus"',
+        '"query": "loki"',
+        "dashboard has one Prometheus datasource variable",
+    ),
+    "dashboard panel with a fixed datasource": (
+        ["metrics"],
+        "deploy/grafana/pmod-serve-dashboard.json",
+        '"uid": "${datasource}"',
+        '"uid": "prometheus-main"',
+        "uses the datasource variable",
+    ),
+    "dashboard query without a metric": (
+        ["metrics"],
+        "deploy/grafana/pmod-serve-dashboard.json",
+        'avg(pmod_kv_cache_savings_ratio{namespace=~\\"$namespace\\"})',
+        "vector(1)",
+        "query references a metric",
+    ),
+    "dashboard drops a pmod metric": (
+        ["metrics"],
+        "deploy/grafana/pmod-serve-dashboard.json",
+        "rate(pmod_visual_tokens_total{",
+        "rate(pmod_kv_slots_saved_total{",
+        "dashboard shows pmod metric pmod_visual_tokens_total",
+    ),
+    "dashboard drops a contract vLLM metric": (
+        ["metrics"],
+        "deploy/grafana/pmod-serve-dashboard.json",
+        "sum(vllm:num_requests_running{",
+        "sum(vllm:num_requests_waiting{",
+        "dashboard shows vllm:num_requests_running",
+    ),
+    "duplicate in metric_names.txt": (
+        ["metrics"],
+        "deploy/metric_names.txt",
+        "pmod_kv_blocks_in_use\n",
+        "pmod_kv_blocks_in_use\npmod_kv_blocks_in_use\n",
+        "metric_names.txt has no duplicates",
+    ),
+    "adapter rule without the pod resource": (
+        ["metrics"],
+        "deploy/prometheus-adapter/values.yaml",
+        "pod: {resource: pod}",
+        "pod: {resource: pods}",
+        "maps labels namespace/pod to resources",
+    ),
+    "adapter metricsQuery without GroupBy": (
+        ["metrics"],
+        "deploy/prometheus-adapter/values.yaml",
+        "by (<<.GroupBy>>)",
+        "by (pod)",
+        "metricsQuery uses <<.LabelMatchers>>, <<.GroupBy>>",
+    ),
+    "adapter name.matches not a regex": (
+        ["metrics"],
+        "deploy/prometheus-adapter/values.yaml",
+        '"^vllm:(num_requests_running)$"',
+        '"^vllm:(num_requests_running$"',
+        "name.matches is not a regex",
+    ),
+    "adapter name.matches misses its series": (
+        ["metrics"],
+        "deploy/prometheus-adapter/values.yaml",
+        '"^vllm:(num_requests_running)$"',
+        '"^vllm:(num_running)$"',
+        "name.matches matches its series vllm:num_requests_running",
+    ),
+    "two adapter rules expose one name": (
+        ["metrics"],
+        "deploy/prometheus-adapter/values.yaml",
+        '"^vllm:(num_requests_running)$"\n        as: "vllm_${1}"',
+        '"^vllm:(num_requests_running)$"\n        as: "vllm_num_requests_waiting"',
+        "adapter metric vllm_num_requests_waiting produced by exactly one rule",
+    ),
     "metric dropped from metric_names.txt": (
         ["metrics"],
         "deploy/metric_names.txt",
         "\npmod_visual_tokens_total\n",
         "\n",
-        "metric pmod_visual_tokens_total is neither",
+        "metric_names.txt lists exactly the metrics pmod-serve exports",
     ),
-    "bad metric name in metric_names.txt": (
+    "metric listed that pmod-serve does not export": (
         ["metrics"],
         "deploy/metric_names.txt",
         "pmod_kv_blocks_in_use\n",
-        "pmod_kv_blocks_in_use\npmod:bad name\n",
-        "is not a valid metric name",
+        "pmod_kv_blocks_in_use\npmod_kv_blocks_free\n",
+        "listed, not exported: ['pmod_kv_blocks_free']",
     ),
     "adapter exposes a colon name": (
         ["metrics"],
@@ -630,7 +1083,7 @@ FILE_MUTATIONS: dict[str, tuple[list[str], str, str, str, str]] = {
         "deploy/prometheus-adapter/values.yaml",
         "seriesQuery: 'vllm:kv_cache_usage_perc{",
         "seriesQuery: 'vllm:gpu_cache_usage_perc{",
-        "metric vllm:gpu_cache_usage_perc is neither",
+        "vllm:gpu_cache_usage_perc is exported by vLLM 0.26.0 or listed in metric_names.txt: neither",
     ),
     "docs quote another base image": (
         ["docs"],
@@ -638,6 +1091,34 @@ FILE_MUTATIONS: dict[str, tuple[list[str], str, str, str, str]] = {
         "# Sizing pmod-serve",
         "# Sizing pmod-serve (image vllm/vllm-openai:v0.25.0 )",
         "base image v0.25.0",
+    ),
+    "docs quote another transformers": (
+        ["docs"],
+        "deploy/README.md",
+        "then `transformers==5.16.0`",
+        "then `transformers==5.17.0`",
+        "deploy/README.md: transformers==5.17.0 == 5.16.0",
+    ),
+    "docs quote another vllm": (
+        ["docs"],
+        "README.md",
+        "either pulls vllm==0.26.0",
+        "either pulls vllm==0.25.0",
+        "README.md: vllm==0.25.0 == 0.26.0",
+    ),
+    "overlay not documented": (
+        ["docs"],
+        "deploy/README.md",
+        "overlays/tp2",
+        "overlays/tp-2",
+        "deploy/README.md documents overlay tp2",
+    ),
+    "sizing arithmetic": (
+        ["docs"],
+        "deploy/SIZING.md",
+        "= 524288 B = 512 KiB",
+        "= 262144 B = 256 KiB",
+        "SIZING.md states the dense KV size per token",
     ),
     "duplicate yaml key": (
         ["yaml"],
@@ -658,7 +1139,7 @@ FILE_MUTATIONS: dict[str, tuple[list[str], str, str, str, str]] = {
         "deploy/k8s/overlays/multinode/leaderworkerset.yaml",
         '- --pipeline-parallel-size\n              - "1"',
         '- --pipeline-parallel-size\n              - "2"',
-        "no pipeline parallelism (p-MoD supports TP only",
+        PP_MSG,
     ),
     "overlay does not render": (
         ["render"],
@@ -666,6 +1147,13 @@ FILE_MUTATIONS: dict[str, tuple[list[str], str, str, str, str]] = {
         "../../base",
         "../../nope",
         "kustomize build deploy/k8s/overlays/tp2 failed",
+    ),
+    "checkov finding in a base manifest": (
+        ["policy"],
+        "deploy/k8s/base/deployment.yaml",
+        "readOnlyRootFilesystem: true",
+        "readOnlyRootFilesystem: false",
+        "checkov CKV_K8S_22 (Use read-only filesystem for containers where possible) failed for single-gpu",
     ),
 }
 
@@ -676,18 +1164,6 @@ def test_file_check_catches(case, repo_copy, tools, full_report):
     _edit(repo_copy, rel, old, new)
     got = _new_failures(repo_copy, sections, tools, full_report)
     assert expected in got, f"expected a new failure containing {expected!r}, got:\n{got or '(none)'}"
-
-
-def test_pmod_serve_must_define_the_media_options(repo_copy, tools, full_report):
-    """Manifests may use pmod-serve's --media-* options only while pmod_serve/entrypoints/server.py defines them."""
-    (repo_copy / "pmod_serve").unlink()  # a real copy: never edit the symlinked source tree
-    shutil.copytree(
-        ROOT / "pmod_serve", repo_copy / "pmod_serve", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    _edit(repo_copy, "pmod_serve/entrypoints/server.py", '"--media-timeout"', '"--media-fetch-timeout"')
-    got = _new_failures(repo_copy, ["entrypoint"], tools, full_report)
-    assert "pmod_serve/entrypoints/server.py defines the pmod-serve options" in got, got
-    assert "--media-timeout" in (ROOT / "pmod_serve" / "entrypoints" / "server.py").read_text()
 
 
 def test_new_package_directory_must_be_copied_into_the_image(repo_copy, tools, full_report):
@@ -704,29 +1180,24 @@ def test_repo_copy_is_faithful(repo_copy, tools, full_report):
     assert _new_failures(repo_copy, list(check.SECTIONS), tools, full_report) == ""
 
 
+def test_rules_on_vllm_facts_fail_when_vllm_changes(facts, tools):
+    """The rules that compare the artefacts with vLLM itself (its default port, the metrics the
+    dashboard and HPA are built on) fail if vLLM stopped providing them."""
+    changed = dataclasses.replace(
+        facts,
+        default_port=8080,
+        series={k: v for k, v in facts.series.items() if k != "vllm:num_requests_waiting"},
+    )
+    rep = _quiet()
+    check.check_docker(ROOT, tools, changed, rep)
+    check.check_metrics(ROOT, changed, rep)
+    got = _failures(rep)
+    assert "vLLM's default --port is 8000" in got and "vLLM 0.26.0 exports vllm:num_requests_waiting" in got, got
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers with their own semantics
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "path,patterns,excluded",
-    [
-        ("pmod_serve/plugin.py", ["*", "!pmod_serve/"], False),
-        ("pmod_serve/__pycache__/x.pyc", ["*", "!pmod_serve/", "**/__pycache__"], True),
-        ("deploy/check.py", ["*", "!deploy/docker-entrypoint.sh"], True),
-        ("deploy/docker-entrypoint.sh", ["*", "!deploy/docker-entrypoint.sh"], False),
-        ("README.md", ["*.md", "!README.md"], False),
-        ("docs/x.md", ["*.md"], False),
-        ("docs/x.md", ["**/*.md"], True),
-    ],
-)
-def test_dockerignore_semantics(path, patterns, excluded):
-    pats = []
-    for p in patterns:
-        neg = p.startswith("!")
-        pats.append((neg, os.path.normpath(p[1:] if neg else p)))
-    assert check.dockerignore_excludes(path, pats) is excluded
-
-
 @pytest.mark.parametrize(
     "expr,metrics",
     [
@@ -734,15 +1205,30 @@ def test_dockerignore_semantics(path, patterns, excluded):
             'histogram_quantile(0.9, sum by (le) (rate(vllm:e2e_request_latency_seconds_bucket{model_name=~"$m"}[$__rate_interval])))',
             ["vllm:e2e_request_latency_seconds_bucket"],
         ),
-        (
-            'sum(rate(a_total[5m])) / sum(rate(b_count{x="y"}[5m])) > 0.5 or on(pod) c',
-            ["a_total", "b_count", "c"],
-        ),
+        ('sum(rate(a_total[5m])) / sum(rate(b_count{x="y"}[5m])) > 0.5 or on(pod) c', ["a_total", "b_count", "c"]),
         ("avg by (pod) (pmod_kv_cache_savings_ratio)", ["pmod_kv_cache_savings_ratio"]),
+        ("max_over_time(deriv(x[5m])[1h:1m] offset 1d) + -(y @ 100)", ["x", "y"]),
     ],
 )
-def test_promql_metric_extraction(expr, metrics):
-    assert check.promql_metrics(expr) == metrics
+def test_promql_selectors(expr, metrics):
+    assert [s.name for s in check.promql_selectors(expr)] == metrics
+
+
+@pytest.mark.parametrize(
+    "expr,ok",
+    [
+        ("histogram_quantile(0.9, sum by (le) (rate(h_bucket[5m])))", True),
+        ("histogram_quantile(0.9, sum by (pod, le) (rate(h_bucket[5m])))", True),
+        ("histogram_quantile(0.9, rate(h_bucket[5m]))", True),
+        ("histogram_quantile(0.9, sum by (pod) (rate(h_bucket[5m])))", False),
+        ("histogram_quantile(0.9, sum(rate(h_bucket[5m])))", False),
+        ("histogram_quantile(0.9, sum without (le) (rate(h_bucket[5m])))", False),
+        ("sum by (le) (rate(h_bucket[5m]))", False),
+    ],
+)
+def test_quantile_by_le(expr, ok):
+    (sel,) = check.promql_selectors(expr)
+    assert check._quantile_by_le(sel) is ok
 
 
 def test_entrypoint_exact_command(tools):
@@ -760,38 +1246,4 @@ def test_entrypoint_ray_head_execs_pmod_serve(tools):
         {"LWS_GROUP_SIZE": "2", "PMOD_STUB_RAY_NODES": "2"},
     )
     assert rc == 0, err
-    assert argv == [
-        "pmod-serve",
-        "MCG-NJU/p-MoD-LLaVA-v1.5-7B",
-        "--port",
-        "8000",
-        "--media-max-bytes",
-        "1000000",
-    ]
-
-
-def test_multinode_leader_uses_the_pmod_serve_path(rendered):
-    """The LWS leader goes through the entrypoint's `ray-head` mode (-> pmod-serve), no command override."""
-    leader = _lws_leader(_overlay(rendered, "multinode"))
-    assert not leader.get("command") and leader["args"][0] == "ray-head"
-
-
-@pytest.mark.parametrize("flag", check.PMOD_SERVE_FLAGS)
-def test_pmod_serve_options_are_accepted_in_manifests(flag, rendered, facts, adapter_names, dockerfile):
-    objs = copy.deepcopy(rendered)
-    _server(_overlay(objs, "single-gpu"))["args"].extend([flag, "1"])
-    rep = _quiet()
-    check.check_k8s(ROOT, objs, facts, adapter_names, dockerfile, rep)
-    assert not rep.failures, _failures(rep)
-
-
-def test_metric_names_file_format():
-    lines = (ROOT / "deploy" / "metric_names.txt").read_text().splitlines()
-    names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    assert names and all(re.fullmatch(r"pmod_[a-z0-9_]+", n) for n in names)
-    assert len(names) == len(set(names))
-
-
-def test_dashboard_is_valid_json_with_datasource_variable():
-    dash = json.loads((ROOT / "deploy" / "grafana" / "pmod-serve-dashboard.json").read_text())
-    assert any(v["type"] == "datasource" for v in dash["templating"]["list"])
+    assert argv == ["pmod-serve", "MCG-NJU/p-MoD-LLaVA-v1.5-7B", "--port", "8000", "--media-max-bytes", "1000000"]
