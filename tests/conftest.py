@@ -67,6 +67,9 @@ MODULE_GROUPS = {"test_deploy.py": "deploy"}
 # rest of the suite follows.
 FIRST_GROUPS = ("pmod-server", "plain-server")
 FIRST_MODULES = ("test_soak.py",)
+# Modules whose tests end a shared server (test_shutdown.py: SIGTERM to the API-keyed pmod-serve):
+# each runs right after the last other test of its group, whatever the order of collection.
+DRAINING_MODULES = ("test_shutdown.py",)
 
 
 def _instances(item) -> set[str]:
@@ -97,6 +100,12 @@ def pytest_collection_modifyitems(config, items):
         group = root(used[item.nodeid][0]) if used[item.nodeid] else MODULE_GROUPS.get(item.path.name)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
+    for item in [item for item in items if item.path.name in DRAINING_MODULES and _group(item)]:
+        others = [i for i, other in enumerate(items) if _group(other) == _group(item) and other is not item
+                  and other.path.name not in DRAINING_MODULES]
+        if others and others[-1] > items.index(item):
+            items.remove(item)
+            items.insert(others[-1], item)  # right after the last other (one place left after the removal)
     if XDIST_WORKER:
         # Hand out the longest groups first, then engine tests, then the rest (with
         # `--no-loadscope-reorder`, xdist follows this order); collection order within each,
@@ -436,6 +445,40 @@ def plain_server(tiny_next, tmp_path_factory):
         server.stop()
 
 
+API_KEY = "test-key-4b1d"
+
+
+class ServerGroup(dict):
+    """Server processes by entry point, stopped together."""
+
+    def stop(self) -> None:
+        for server in self.values():
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def keyed_servers(tiny_next, tmp_path_factory):
+    """Both entry points with `--api-key API_KEY`, started together (CPU start-up is the slow
+    part). test_api_key.py walks their routes; test_shutdown.py then ends the pmod-serve one with
+    SIGTERM, after every other test that uses them (DRAINING_MODULES)."""
+    logs = tmp_path_factory.mktemp("logs")
+    servers = ServerGroup({
+        "pmod-serve": ServerProcess([str(VENV_BIN / "pmod-serve"), str(tiny_next), "--api-key", API_KEY,
+                                     "--max-model-len", "2048"], model=str(tiny_next),
+                                    log_path=logs / "pmod-serve-key.log"),
+        "vllm serve": ServerProcess([str(VENV_BIN / "vllm"), "serve", str(tiny_next), "--api-key", API_KEY,
+                                     "--max-model-len", "2048"], model=str(tiny_next),
+                                    log_path=logs / "vllm-serve-key.log"),
+    })
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        _RUNNING["keyed_servers"] = servers
+        yield servers
+    finally:
+        servers.stop()
+
+
 @pytest.fixture(params=list(SERVER_PARAMS), scope="module")
 def server(request):
     """Each entry point's session server in turn: `pmod_server`, then `plain_server`."""
@@ -445,7 +488,8 @@ def server(request):
 # The session servers hold ~3.5 GB each. Each is stopped right after the last test that uses it
 # (in collection order, which is also the order within an xdist process: a server's tests form
 # one group), rather than at the end of the session, so later engines have the memory.
-_RUNNING: dict[str, ServerProcess] = {}
+# (`keyed_servers`: both at once.)
+_RUNNING: dict[str, ServerProcess | ServerGroup] = {}
 _LAST_USER: dict[str, str] = {}  # session server fixture -> node id of its last test
 
 
@@ -454,7 +498,7 @@ def _session_servers(item) -> set[str]:
     callspec = getattr(item, "callspec", None)
     if "server" in names and callspec is not None and "server" in callspec.params:
         names.add(SERVER_PARAMS[callspec.params["server"]])
-    return names & set(SERVER_PARAMS.values())
+    return names & {*SERVER_PARAMS.values(), "keyed_servers"}
 
 
 def pytest_collection_finish(session):

@@ -13,31 +13,12 @@ import re
 
 import httpx
 import pytest
-from conftest import VENV_BIN, ServerProcess
+from conftest import API_KEY as KEY
 
-KEY = "test-key-4b1d"
 OPEN = {"/health", "/ping", "/metrics"}
 
 
-@pytest.fixture(scope="module")
-def keyed_servers(tiny_next, tmp_path_factory):
-    """Both entry points with `--api-key`, started together (CPU start-up is the slow part)."""
-    logs = tmp_path_factory.mktemp("logs")
-    servers = {
-        "pmod-serve": ServerProcess([str(VENV_BIN / "pmod-serve"), str(tiny_next), "--api-key", KEY,
-                                     "--max-model-len", "2048"], model=str(tiny_next),
-                                    log_path=logs / "pmod-serve-key.log"),
-        "vllm serve": ServerProcess([str(VENV_BIN / "vllm"), "serve", str(tiny_next), "--api-key", KEY,
-                                     "--max-model-len", "2048"], model=str(tiny_next),
-                                    log_path=logs / "vllm-serve-key.log"),
-    }
-    try:
-        for server in servers.values():
-            server.wait_ready()
-        yield servers
-    finally:
-        for server in servers.values():
-            server.stop()
+# `keyed_servers` (tests/conftest.py): pmod-serve and plain vllm serve, both with `--api-key KEY`.
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,9 @@
 """Graceful shutdown: SIGTERM lets in-flight requests finish (pmod-serve drains for up to
---shutdown-timeout seconds), then the server exits 0."""
+--shutdown-timeout seconds), then the server exits 0.
+
+The server is the API-keyed pmod-serve of tests/test_api_key.py (`keyed_servers`): a server that
+has already served, ended here after that module's tests (tests/conftest.py: DRAINING_MODULES),
+rather than one more server started for this test alone."""
 
 from __future__ import annotations
 
@@ -9,23 +13,23 @@ import threading
 
 import httpx
 import pytest
-from conftest import VENV_BIN, ServerProcess
+from conftest import API_KEY
 
-pytestmark = pytest.mark.engine  # starts its own engines or servers
+pytestmark = pytest.mark.engine  # a server (keyed_servers)
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_next, tmp_path):
-    server = ServerProcess([str(VENV_BIN / "pmod-serve"), str(tiny_next), "--served-model-name", "pmod-tiny",
-                            "--dtype", "float32"], model="pmod-tiny", log_path=tmp_path / "server.log")
+def test_sigterm_drains_in_flight_requests_and_exits_0(keyed_servers):
+    server = keyed_servers["pmod-serve"]
     try:
-        server.wait_ready()
-        body = {"model": "pmod-tiny", "max_tokens": 120, "ignore_eos": True, "stream": True, "temperature": 0,
+        assert server.process.poll() is None, "the server was stopped before this test"
+        body = {"model": server.model, "max_tokens": 120, "ignore_eos": True, "stream": True, "temperature": 0,
                 "stream_options": {"include_usage": True},
                 "messages": [{"role": "user", "content": "Tell me a long story."}]}
         chunks, finished = [], []
 
         def stream() -> None:
-            with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=300) as r:
+            with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=300,
+                              headers={"Authorization": f"Bearer {API_KEY}"}) as r:
                 for line in r.iter_lines():
                     if line == "data: [DONE]":
                         finished.append(True)
