@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,12 @@ SHARED_INSTANCES = {
     "llm_prefix_small_pool": "llm-prefix-small-pool", "llm_trained": "llm-trained", "served": "llm-trained",
 }
 SERVER_PARAMS = {"pmod-serve": "pmod_server", "vllm serve": "plain_server"}
-# Modules kept in one process for their session-scoped fixtures (deploy checks run once).
-MODULE_GROUPS = {"test_deploy.py": "deploy"}
+# Modules kept in one process for their session-scoped fixtures (deploy checks run once), and
+# the two whose engines bind a thread to each core (data parallel, tensor parallel: both cores
+# each), one after the other: side by side, their four bound engines leave the data-parallel
+# test's API server too little CPU to sample its metrics while requests run.
+MODULE_GROUPS = {"test_deploy.py": "deploy",
+                 "test_data_parallel.py": "both-cores", "test_tensor_parallel_cpu.py": "both-cores"}
 # Under xdist, these groups are handed out first (one to each process), each starting with its
 # soak (test_soak.py: a fixed 100+ s of traffic), so that the two soaks run side by side; the
 # rest of the suite follows.
@@ -375,9 +380,14 @@ class ServerProcess:
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # servers use vLLM's default processes
         env.pop("PMOD_METRICS_DIR", None)  # each server gets its own metrics directory
         self._log = open(log_path, "w")
+        # A process group of its own (stop() signals the server and its engine processes at once),
+        # but not a session of its own: Linux schedules each session as one task group
+        # (autogroup), and a vLLM worker polls its input queue for a second after each step, so
+        # a server in a session of its own took up to half a core from the tests while in use.
+        group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
         self.process = subprocess.Popen(
             [*command, "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, **group,
         )
 
     def wait_ready(self, timeout: float = 600) -> None:
