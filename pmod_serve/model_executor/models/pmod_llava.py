@@ -29,7 +29,6 @@ from transformers import BatchFeature, CLIPVisionConfig
 from vllm import ir
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
-from vllm.config.compilation import CompilationMode
 from vllm.config.multimodal import BaseDummyOptions
 from vllm.distributed import get_pp_group
 from vllm.forward_context import get_forward_context, is_forward_context_available, set_forward_context
@@ -304,7 +303,17 @@ class RoutedSteps:
             return cls(backend=None)
         # dynamic: every token count is a size of the graph, not a constant; fullgraph: a graph
         # break would silently bring back op-by-op execution.
-        return cls(backend=backend, decoder=torch.compile(routed_decoder, backend=backend, dynamic=True, fullgraph=True))
+        compiled = torch.compile(routed_decoder, backend=backend, dynamic=True, fullgraph=True)
+
+        def decoder(*args):
+            # vLLM IR ops (RMSNorm) traced through to their implementation for the engine's
+            # priority (native under torch.compile), instead of as opaque ops: vLLM's own graph
+            # gets there with a lowering pass, and an in-place kernel behind an opaque op
+            # returns its mutated inputs, which inductor does not expect (wrong results).
+            with ir.enable_torch_wrap(False):
+                return compiled(*args)
+
+        return cls(backend=backend, decoder=decoder)
 
     def num_kept_tokens(self, routing: PmodRouting, num_tokens: int, device: torch.device) -> list[torch.Tensor | None]:
         """Per layer, an empty tensor as long as the layer's kept-token set (compiled only)."""
@@ -313,21 +322,18 @@ class RoutedSteps:
         return [torch.empty((num_tokens - skipped, 0), device=device) for skipped in routing.num_skipped]
 
 
-def routed_step_backend(vllm_config: VllmConfig, schedule: PmodSchedule) -> str | None:
+def routed_step_backend(schedule: PmodSchedule) -> str | None:
     """The torch.compile backend of routed steps (`PMOD_ROUTED_STEP_COMPILE`), None for eager.
 
-    "auto" compiles where vLLM compiles the model (GPUs, not --enforce-eager), for unquantized
-    weights at tensor-parallel size 1: the configurations whose compiled routed steps the GPU
-    exactness check and benchmarks cover. Other configurations run routed steps eagerly unless
-    a backend is named. A softmax router norm (per request, from host-side bounds) is eager."""
+    "auto" is eager for now: the compiled decoder is exact on CPU (traced, and with inductor's
+    C++ code), but its first GPU check (inductor, float32) was not, and the fix (IR ops traced to
+    their out-of-place implementation) has not been on a GPU yet. Only where vLLM compiles the
+    model (GPUs, not --enforce-eager) is "inductor" worth asking for. A softmax router norm (per
+    request, from host-side bounds) is always eager."""
     choice = envs.PMOD_ROUTED_STEP_COMPILE
-    if choice == "eager" or not schedule.weight_norm.elementwise:
+    if choice in ("auto", "eager") or not schedule.weight_norm.elementwise:
         return None
-    if choice != "auto":
-        return choice
-    compiles = vllm_config.compilation_config.mode != CompilationMode.NONE
-    plain = vllm_config.quant_config is None and vllm_config.parallel_config.tensor_parallel_size == 1
-    return "inductor" if current_platform.is_cuda_alike() and compiles and plain else None
+    return choice
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +402,7 @@ class PmodLlamaModel(nn.Module):
                 layers.append(LlamaDecoderLayer(vllm_config, prefix=layer_prefix, config=config))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.routed_steps = RoutedSteps.compiled(routed_step_backend(vllm_config, schedule))
+        self.routed_steps = RoutedSteps.compiled(routed_step_backend(schedule))
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -551,11 +557,12 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
                 inputs_embeds: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
         if self.routing is None:
             return self.model(input_ids, positions, inputs_embeds, None)
-        # Routing visual tokens: not vLLM's graph but the routed-step decoder (RoutedSteps); what
-        # runs outside a graph uses vLLM's CUDA kernels (see native_when_compiling).
+        # Routing visual tokens: not vLLM's graph but the routed-step decoder (RoutedSteps); run
+        # eagerly, it uses vLLM's CUDA kernels (see native_when_compiling).
         if is_forward_context_available():
             get_forward_context().skip_compiled = True
-        with eager_kernel_priority():
+        eager = self.model.routed_steps.backend is None
+        with eager_kernel_priority() if eager else contextlib.nullcontext():
             return self.model(input_ids, positions, inputs_embeds, self.routing)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
