@@ -664,7 +664,7 @@ def main(argv=None) -> int:
             "concurrency": {run: RUNS[run][1] for run in args.runs},
             "seeds": {run: RUNS[run][3] for run in args.runs},
             "statistic": "medians from vllm bench serve (mean and p90/p99 kept too); ratios are p-MoD / baseline",
-            "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "CUDA_VISIBLE"))},
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "CUDA_VISIBLE", "PMOD_"))},
         },
         "pmod": {"skipped": "not in --engines"},
         "baseline": {"skipped": "--baseline none" if args.baseline == "none" else "not in --engines"},

@@ -199,7 +199,7 @@ def main() -> None:
               "tensor_parallel_size": args.tensor_parallel_size, "kv_cache_dtype": args.kv_cache_dtype,
               "quantization": args.quantization,
               "check": args.check, "cases": {}, "errors": {},
-              "env": {k: os.environ.get(k) for k in ("TRITON_F32_DEFAULT", "VLLM_FLOAT32_MATMUL_PRECISION")}}
+              "env": {k: os.environ.get(k) for k in ("TRITON_F32_DEFAULT", "VLLM_FLOAT32_MATMUL_PRECISION", "PMOD_ROUTED_STEP_COMPILE")}}
 
     def save():
         write_json(args.out, result)

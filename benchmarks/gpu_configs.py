@@ -230,13 +230,12 @@ TINY_FLAGS = ["--load-format", "auto", "--enforce-eager", "--attention-backend",
 
 def section_tiny_quality(args) -> dict:
     tokenizer = TRAINED_TINY / "tokenizer.model"
-    flags = TINY_FLAGS
     runs = {
-        "bf16": bench(args.out, "tiny_pmod_bf16", "pmod", TRAINED_TINY, tokenizer, "quality,chat", *flags),
-        "fp8_kv": bench(args.out, "tiny_pmod_fp8_kv", "pmod", TRAINED_TINY, tokenizer, "quality,chat", *flags,
+        "bf16": bench(args.out, "tiny_pmod_bf16", "pmod", TRAINED_TINY, tokenizer, "quality,chat", *TINY_FLAGS),
+        "fp8_kv": bench(args.out, "tiny_pmod_fp8_kv", "pmod", TRAINED_TINY, tokenizer, "quality,chat", *TINY_FLAGS,
                         "--kv-cache-dtype", "fp8"),
         "fp8_weights": bench(args.out, "tiny_pmod_fp8_weights", "pmod", TRAINED_TINY, tokenizer, "quality,chat",
-                             *flags, "--quantization", "fp8"),
+                             *TINY_FLAGS, "--quantization", "fp8"),
     }
     return {"checkpoint": str(TRAINED_TINY.relative_to(REPO)), "runs": runs, **quality_report(runs)}
 

@@ -13,6 +13,9 @@
 #   bash benchmarks/gpu_e2e.sh stage N install     # carry .gpu/pN (the last part, with install.sh):
 #                                                  #   install vLLM into /tmp/pmod-site, this repo
 #                                                  #   (pip -e), the model dirs (.gpu/models)
+#   bash benchmarks/gpu_e2e.sh exact               # float32 exactness of the tiny checkpoint (compile + CUDA
+#                                                  #   graphs, a replay pass with prefix-cache hits) into
+#                                                  #   $OUT/exact_fp32.json; pass PMOD_* settings in the env
 #   bash benchmarks/gpu_e2e.sh run [E2E ARGS...]   # e2e_serve into /tmp/e2e-out, then e2e_serve.json
 #                                                  #   and a tarball of every log/result to $OUT
 # `run` repeats the cheap parts of `install` (env, pip -e, model dirs), so it also works alone on
@@ -54,6 +57,15 @@ case "$step" in
     gpu_env
     python3 -c 'import vllm, pmod_serve, torch; print("vllm", vllm.__version__, "torch", torch.__version__, torch.cuda.get_device_name(0))'
     echo "install: $(( $(date +%s) - start )) s"
+    ;;
+  exact)
+    gpu_env
+    python3 -m benchmarks.models .gpu/models --with-tiny-checkpoints >/dev/null
+    check=(python3 -m benchmarks.exact --checkpoint .gpu/models/tiny-next --variant next --dtype float32
+           --attention-backend TRITON_ATTN --check exact --reference-cache .gpu/models/reference-next.json)
+    # The reference first, in a process of its own (computed beside a forked engine, it hangs).
+    TRITON_F32_DEFAULT=ieee "${check[@]}" --reference-only
+    TRITON_F32_DEFAULT=ieee "${check[@]}" --passes 2 --out "${OUT:-/tmp}/exact_fp32.json"
     ;;
   run)
     gpu_env

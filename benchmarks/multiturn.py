@@ -89,8 +89,7 @@ def stream_chat(base_url: str, body: dict, timeout_s: float = 600) -> dict:
 
 
 def run_conversation(base_url: str, model: str, seed: int, turns: int, image_size: tuple[int, int],
-                     answer_tokens: int, preamble: str = FIRST_TURN_CONTEXT,
-                     resend_generated: bool = False) -> list[dict]:
+                     answer_tokens: int, preamble: str = FIRST_TURN_CONTEXT) -> list[dict]:
     """One conversation; per turn: TTFT, usage and the /metrics counter deltas of its request.
     `preamble`: text before the first question (a longer first turn)."""
     image = make_image(*image_size, seed)
@@ -108,10 +107,10 @@ def run_conversation(base_url: str, model: str, seed: int, turns: int, image_siz
         result = stream_chat(base_url, {"model": model, "messages": messages, "max_tokens": answer_tokens,
                                         "temperature": 0.0, "ignore_eos": True})
         after = scrape(base_url)
-        answer = result.pop("answer")
+        result.pop("answer")
         # Dummy weights answer with random pieces that re-tokenize into several times as many
         # tokens; resend a fixed answer of about the same length instead (both engines alike).
-        messages.append({"role": "assistant", "content": answer if resend_generated else FIXED_ANSWER})
+        messages.append({"role": "assistant", "content": FIXED_ANSWER})
         result.update({"turn": turn + 1, "deltas": {name: after.get(name, 0.0) - before.get(name, 0.0)
                                                      for name in COUNTERS}})
         records.append(result)

@@ -340,8 +340,18 @@ def llm_small_pool(tiny_next):
 @pytest.fixture(scope="session")
 def llm_prefix(tiny_next):
     """Prefix caching (on by default) with 32-token blocks, so that hits past an image are
-    reached with short turns; vLLM's statistics on (`LLM.get_metrics`)."""
-    return make_llm(tiny_next, block_size=32, disable_log_stats=False)
+    reached with short turns; vLLM's statistics on (`LLM.get_metrics`). Its routed steps run
+    through torch.compile (the `aot_eager` backend: traced like on a GPU, without generating
+    code), the way GPUs run them, instead of eagerly like the other CPU engines."""
+    previous = os.environ.get("PMOD_ROUTED_STEP_COMPILE")
+    os.environ["PMOD_ROUTED_STEP_COMPILE"] = "aot_eager"
+    try:
+        return make_llm(tiny_next, block_size=32, disable_log_stats=False)
+    finally:
+        if previous is None:
+            del os.environ["PMOD_ROUTED_STEP_COMPILE"]
+        else:
+            os.environ["PMOD_ROUTED_STEP_COMPILE"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -181,19 +181,35 @@ def test_metrics_follow_the_block_tables(pmod_server, tiny_next):
 
 
 def test_savings_gauge_during_a_long_generation(pmod_server):
-    """While a long request decodes, the gauges are live and the ratio is the blocks' ratio."""
+    """While a long request decodes, the gauges are live and the ratio is the blocks' ratio.
+
+    The scheduler publishes usage at most every 50 ms, and a slow client may read the stream after
+    the engine has finished (vLLM then merges tokens into fewer chunks): so the first sample is
+    polled for right after the first token, with ~199 decode steps still to run, and a later
+    sample may find the engine idle again (both gauges 0).
+    """
     client = OpenAI(base_url=f"{pmod_server.base_url}/v1", api_key="EMPTY", timeout=600)
     image = make_image(672, 672, 52)
     samples = []
     stream = client.chat.completions.create(
         model=pmod_server.model, messages=[user_message("Go on.", [data_url(image)])],
         max_tokens=200, temperature=0, stream=True, extra_body={"ignore_eos": True})
-    for index, _ in enumerate(stream):
-        if index % 40 == 20:
+    for chunk in stream:
+        if not samples:  # the first chunk comes with the first token
+            deadline = time.monotonic() + 5
+            sample = pmod_server.metrics()
+            while sample["pmod_kv_blocks_in_use"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+                sample = pmod_server.metrics()
+            samples.append(sample)
+        elif samples and len(samples) < 4:
             samples.append(pmod_server.metrics())
-    assert samples
+    assert samples and samples[0]["pmod_kv_blocks_in_use"] > 0
     for sample in samples:
         in_use, dense = sample["pmod_kv_blocks_in_use"], sample["pmod_kv_blocks_dense_equivalent"]
+        if in_use == dense == 0:
+            assert sample["pmod_kv_cache_savings_ratio"] == 0  # finished before this scrape
+            continue
         assert 0 < in_use < dense
         assert sample["pmod_kv_cache_savings_ratio"] == pytest.approx(1 - in_use / dense)
         assert 0.3 < sample["pmod_kv_cache_savings_ratio"] < 0.6

@@ -10,9 +10,12 @@ the same installation are untouched. What it switches, and why:
   their content per layer (pmod_serve.v1.core.prefix_cache), so hits are exact;
 - `max_num_batched_tokens >= max_model_len`: a request's visual tokens must fit in one step;
 - torch.compile and CUDA graphs as vLLM sets them, except for steps that route visual tokens
-  (top-k, gathers of a data-dependent size): those run eagerly, with vLLM's CUDA kernels for its
-  custom ops (pmod_serve.model_executor.models.pmod_llava sets vLLM's `skip_compiled`, pmod_serve.v1.worker.model_runner forces eager
-  execution). On CPUs everything runs eagerly.
+  (top-k, gathers of a data-dependent size): those skip vLLM's graph (pmod_serve.model_executor.models.pmod_llava
+  sets vLLM's `skip_compiled`, pmod_serve.v1.worker.model_runner forces eager execution) and run
+  their decoder eagerly with vLLM's CUDA kernels, or as their own compiled graph
+  (`PMOD_ROUTED_STEP_COMPILE`). On CPUs everything runs eagerly.
+- `--quantization fp8` is served with a warning: routing decisions amplify the FP8 weight error
+  (benchmarks/results/gpu_configs.json, `fp8_weights`).
 - speculative decoding and pipeline parallelism are refused.
 """
 
@@ -48,6 +51,13 @@ class PmodEngineConfig(VerifyAndUpdateConfig):
 
         if vllm_config.speculative_config is not None:
             raise ValueError("p-MoD models do not support speculative decoding (--speculative-config)")
+        if model_config.quantization == "fp8":
+            logger.warning(
+                "p-MoD with --quantization fp8: each p-MoD layer's top-k routing can flip on FP8 "
+                "weight error and amplify it (a trained checkpoint's first-token log-probabilities "
+                "moved by up to 1.49 nats, its dense twin's by 0.62; benchmarks/results/"
+                "gpu_configs.json). --kv-cache-dtype fp8 alone stayed within 0.52 nats"
+            )
         if parallel_config.pipeline_parallel_size > 1:
             raise ValueError(
                 "p-MoD models do not support pipeline parallelism (--pipeline-parallel-size "

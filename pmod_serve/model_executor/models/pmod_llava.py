@@ -16,7 +16,9 @@ Reads top-down:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated
 
@@ -29,7 +31,8 @@ from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.config.multimodal import BaseDummyOptions
 from vllm.distributed import get_pp_group
-from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.forward_context import get_forward_context, is_forward_context_available, set_forward_context
+from vllm.logger import init_logger
 from vllm.model_executor.custom_op import CustomOp
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -55,11 +58,14 @@ from vllm.sequence import IntermediateTensors
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from model_registry import image_layout_of, resolve_vision_tower
+from pmod_serve import envs
 from pmod_serve.multimodal.image_processing import preprocess
 from pmod_serve.pmod.image_layout import ImageLayout, merge_image_features, num_visual_tokens
-from pmod_serve.pmod.routing import PmodRouting
+from pmod_serve.pmod.routing import PmodRouting, RoutingPlan
 from pmod_serve.pmod.schedule import PmodSchedule, WeightNorm, kept_target_count
 from pmod_serve.tokenizers.prompt import IMAGE_MARKER
+
+logger = init_logger("vllm.pmod_serve")  # shown with vLLM's log configuration
 
 # ---------------------------------------------------------------------------------------------
 # 1. Multimodal processing
@@ -195,53 +201,139 @@ class PmodRouter(nn.Module):
 class PmodDecoderLayer(nn.Module):
     """A LLaMA decoder layer that processes only the kept tokens (docs/p-mod.md, "A p-MoD layer at prefill")."""
 
-    def __init__(self, vllm_config: VllmConfig, retention_ratio: float, weight_norm: WeightNorm,
-                 router_bias: bool, prefix: str) -> None:
+    def __init__(self, vllm_config: VllmConfig, layer_index: int, retention_ratio: float,
+                 weight_norm: WeightNorm, router_bias: bool, prefix: str) -> None:
         super().__init__()
         config = vllm_config.model_config.hf_config
+        self.layer_index = layer_index
         self.retention_ratio = retention_ratio
         self.weight_norm = weight_norm
         self.decoder_layer = LlamaDecoderLayer(vllm_config, prefix=f"{prefix}.decoder_layer", config=config)
         self.router = PmodRouter(config.hidden_size, router_bias, prefix=f"{prefix}.router")
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, routing: PmodRouting | None) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, routing: PmodRouting | None,
+                num_kept_tokens: torch.Tensor | None = None) -> torch.Tensor:
         if routing is None:
             # No visual tokens in this step (decoding, text-only): every token is kept.
             mlp_out, h = self.decoder_layer(positions, x, None)
             return h + mlp_out
 
-        # Router weights of the target tokens, normalised per request (TanhNorm). Gathers and
-        # scatters use index_select / index_fill_ / index_copy_: a Python-scalar item assignment
-        # (`t[idx] = True`) would copy the scalar to the device and wait for the GPU.
         target_index = routing.target_index
-        logits = self.router(x.index_select(0, target_index))
-        segments = routing.segments
-        if self.weight_norm.elementwise or len(segments) == 1:
-            weights = self.weight_norm.apply(logits)
-        else:
-            weights = torch.cat([self.weight_norm.apply(logits[start:end]) for start, end in segments])
-        kept = torch.ones(x.shape[0], dtype=torch.bool, device=x.device).index_fill_(0, target_index, False)
-        num_kept_tokens = x.shape[0]
-        chosen = []
-        for start, end in segments:
-            num_kept = kept_target_count(end - start, self.retention_ratio)
-            num_kept_tokens -= end - start - num_kept
-            top = torch.topk(weights[start:end], num_kept).indices
-            chosen.append(top + start if start else top)
-        kept.index_fill_(0, target_index.index_select(0, torch.cat(chosen) if len(chosen) > 1 else chosen[0]), True)
-        # The count is known on the host: no device-to-host sync to size the result.
-        kept_index = torch.nonzero_static(kept, size=num_kept_tokens).squeeze(1)
+        weights = self.router_weights(x, routing)
+        kept_index = self.kept_token_index(weights, routing, x.shape[0], num_kept_tokens)
 
         # The decoder layer on the kept tokens only, in their original order and positions:
         # exactly what the compacted attention metadata of this layer's KV group expects.
         mlp_out, h = self.decoder_layer(positions.index_select(0, kept_index), x.index_select(0, kept_index), None)
 
         # STRing: kept targets y = h + w*m, kept text y = h + m, skipped targets y = w*x.
+        # (index_select / index_copy_: a Python-scalar item assignment would wait for the GPU.)
         token_weight = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
         token_weight.index_copy_(0, target_index, weights.to(x.dtype).unsqueeze(1))
         out = token_weight * x
         out.index_copy_(0, kept_index, h + token_weight.index_select(0, kept_index) * mlp_out)
         return out
+
+    def router_weights(self, x: torch.Tensor, routing: PmodRouting) -> torch.Tensor:
+        """Router weights of the target tokens, normalised per request (TanhNorm)."""
+        logits = self.router(x.index_select(0, routing.target_index))
+        if self.weight_norm.elementwise:
+            return self.weight_norm.apply(logits)
+        return torch.cat([self.weight_norm.apply(logits[start:end]) for start, end in routing.segments])
+
+    def kept_token_index(self, weights: torch.Tensor, routing: PmodRouting, num_tokens: int,
+                         num_kept_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Batch indices of the tokens this layer processes: every non-target token and each
+        request's top-k targets (k = `kept_target_count`), in batch order.
+
+        One sort for all requests at once (no per-request loop: the same graph serves any batch):
+        targets by weight, best first, then stably by request; a target is kept if its rank in its
+        request is below that request's k. Equal weights rank in batch order. The number of kept
+        tokens is known on the host (`num_kept_tokens`: a tensor of that length, so that
+        torch.compile sees a size, not a constant), so nothing waits for the GPU."""
+        target_index, target_segment = routing.target_index, routing.target_segment
+        by_weight = torch.sort(weights, descending=True, stable=True).indices
+        by_request = by_weight.index_select(0, torch.sort(target_segment.index_select(0, by_weight), stable=True).indices)
+        segment = target_segment.index_select(0, by_request)
+        rank = torch.arange(by_request.shape[0], device=weights.device) - routing.segment_start.index_select(0, segment)
+        keep = rank < routing.kept_targets[self.layer_index].index_select(0, segment)
+        kept = torch.ones(num_tokens, dtype=torch.bool, device=weights.device).index_fill_(0, target_index, False)
+        kept.index_put_((target_index.index_select(0, by_request),), keep)
+        size = num_kept_tokens.shape[0] if num_kept_tokens is not None else num_tokens - routing.num_skipped[self.layer_index]
+        return torch.nonzero_static(kept, size=size).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps that route visual tokens: the decoder as one compiled graph
+# ---------------------------------------------------------------------------------------------
+#
+# A step that routes visual tokens gathers a different number of tokens in every p-MoD layer, so
+# vLLM's compiled graph and its CUDA graphs (one token count for all layers) do not apply. Run op
+# by op, its ~1,000 kernel launches cost the host more time than the GPU needs for them. So the
+# whole decoder of such a step is a second torch.compile'd function, traced with dynamic token
+# counts: one per step, one per layer's kept tokens (given as tensor lengths), the targets'.
+# vLLM's attention ops stay opaque calls inside it, as in vLLM's own graph.
+
+
+def routed_decoder(layers: nn.ModuleList, positions: torch.Tensor, hidden_states: torch.Tensor,
+                   routing: PmodRouting, num_kept_tokens: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The decoder layers of a routed step: (hidden states, residual)."""
+    residual = None
+    for layer in layers:
+        if isinstance(layer, PmodDecoderLayer):
+            # p-MoD layers re-weight their input, so they take it materialised.
+            x = hidden_states if residual is None else hidden_states + residual
+            hidden_states = layer(positions, x, routing, num_kept_tokens[layer.layer_index])
+            residual = None
+        else:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+    return hidden_states, residual
+
+
+@dataclass(frozen=True)
+class RoutedSteps:
+    """How routed steps run `routed_decoder`: compiled with `backend`, or eagerly (None)."""
+
+    backend: str | None
+    decoder: Callable = routed_decoder
+
+    @classmethod
+    def compiled(cls, backend: str | None) -> RoutedSteps:
+        if backend is None:
+            return cls(backend=None)
+        # dynamic: every token count is a size of the graph, not a constant; fullgraph: a graph
+        # break would silently bring back op-by-op execution.
+        compiled = torch.compile(routed_decoder, backend=backend, dynamic=True, fullgraph=True)
+
+        def decoder(*args):
+            # vLLM IR ops (RMSNorm) traced through to their implementation for the engine's
+            # priority (native under torch.compile), instead of as opaque ops: vLLM's own graph
+            # gets there with a lowering pass, and an in-place kernel behind an opaque op
+            # returns its mutated inputs, which inductor does not expect (wrong results).
+            with ir.enable_torch_wrap(False):
+                return compiled(*args)
+
+        return cls(backend=backend, decoder=decoder)
+
+    def num_kept_tokens(self, routing: PmodRouting, num_tokens: int, device: torch.device) -> list[torch.Tensor | None]:
+        """Per layer, an empty tensor as long as the layer's kept-token set (compiled only)."""
+        if self.backend is None:
+            return [None] * len(routing.num_skipped)
+        return [torch.empty((num_tokens - skipped, 0), device=device) for skipped in routing.num_skipped]
+
+
+def routed_step_backend(schedule: PmodSchedule) -> str | None:
+    """The torch.compile backend of routed steps (`PMOD_ROUTED_STEP_COMPILE`), None for eager.
+
+    "auto" is eager for now: the compiled decoder is exact on CPU (traced, and with inductor's
+    C++ code), but its first GPU check (inductor, float32) was not, and the fix (IR ops traced to
+    their out-of-place implementation) has not been on a GPU yet. Only where vLLM compiles the
+    model (GPUs, not --enforce-eager) is "inductor" worth asking for. A softmax router norm (per
+    request, from host-side bounds) is always eager."""
+    choice = envs.PMOD_ROUTED_STEP_COMPILE
+    if choice in ("auto", "eager") or not schedule.weight_norm.elementwise:
+        return None
+    return choice
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,21 +342,23 @@ class PmodDecoderLayer(nn.Module):
 
 
 # With torch.compile on, vLLM runs its custom ops (rotary embedding, SiluAndMul, RMSNorm, ...) as
-# their PyTorch-native code, written for Inductor to fuse. Steps that route visual tokens run
-# eagerly, where that code is several unfused kernels per op: there the ops call vLLM's CUDA
-# kernels instead; what torch.compile traces stays native.
+# their PyTorch-native code, written for Inductor to fuse. Steps that route visual tokens call
+# attention and top-k outside any graph, where that code would be several unfused kernels per op:
+# there the ops call vLLM's CUDA kernels instead. Whatever torch.compile traces (vLLM's graph,
+# the routed-step pieces) uses the native code, on every platform (a CPU kernel's dispatch code
+# is not traceable).
 _EAGER_KERNEL_PROVIDER = "vllm_c"
 
 
-def use_cuda_kernels_when_eager(model: nn.Module) -> None:
-    if not current_platform.is_cuda_alike():
-        return
+def native_when_compiling(model: nn.Module) -> None:
+    cuda = current_platform.is_cuda_alike()
     for module in model.modules():
-        if not isinstance(module, CustomOp) or module.enabled() or module._enforce_enable:
+        if not isinstance(module, CustomOp) or module._enforce_enable:
             continue
-        if type(module).forward_cuda is CustomOp.forward_cuda:
-            continue  # no CUDA kernel of its own
-        module._forward_method = _native_when_compiling(module.forward_native, module.forward_cuda)
+        if cuda and (module.enabled() or type(module).forward_cuda is CustomOp.forward_cuda):
+            continue  # a CUDA kernel vLLM keeps under torch.compile, or none of its own
+        eager = module.forward_cuda if cuda else module._forward_method
+        module._forward_method = _native_when_compiling(module.forward_native, eager)
 
 
 def _native_when_compiling(native, cuda):
@@ -286,9 +380,10 @@ def eager_kernel_priority():
         yield
 
 
-# torch.compile traces the decoder of steps that route nothing (decoding, text, or images whose
-# prefill is already done); steps that route visual tokens run this code eagerly
-# (`skip_compiled`, set by the model below): top-k and gathers of a data-dependent size.
+# vLLM's torch.compile traces the decoder of steps that route nothing (decoding, text, or images
+# whose prefill is already done). Steps that route visual tokens skip that graph (`skip_compiled`,
+# set by the model below: top-k and gathers of a data-dependent size) and run this code with each
+# layer split at attention (`RoutedSteps`).
 @support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
 class PmodLlamaModel(nn.Module):
     def __init__(self, vllm_config: VllmConfig, prefix: str = "") -> None:
@@ -301,12 +396,13 @@ class PmodLlamaModel(nn.Module):
         for index in range(config.num_hidden_layers):
             layer_prefix = f"{prefix}.layers.{index}"
             if schedule.is_pmod_layer(index):
-                layers.append(PmodDecoderLayer(vllm_config, schedule.retention_ratio[index],
+                layers.append(PmodDecoderLayer(vllm_config, index, schedule.retention_ratio[index],
                                                schedule.weight_norm, schedule.router_bias, layer_prefix))
             else:
                 layers.append(LlamaDecoderLayer(vllm_config, prefix=layer_prefix, config=config))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.routed_steps = RoutedSteps.compiled(routed_step_backend(schedule))
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -314,14 +410,19 @@ class PmodLlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 inputs_embeds: torch.Tensor | None, routing: PmodRouting | None) -> torch.Tensor:
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
-            if isinstance(layer, PmodDecoderLayer):
-                # p-MoD layers re-weight their input, so they take it materialised.
-                x = hidden_states if residual is None else hidden_states + residual
-                hidden_states, residual = layer(positions, x, routing), None
-            else:
-                hidden_states, residual = layer(positions, hidden_states, residual)
+        if routing is None:  # what vLLM's compiled graph traces
+            residual = None
+            for layer in self.layers:
+                if isinstance(layer, PmodDecoderLayer):
+                    x = hidden_states if residual is None else hidden_states + residual
+                    hidden_states, residual = layer(positions, x, None), None
+                else:
+                    hidden_states, residual = layer(positions, hidden_states, residual)
+        else:
+            steps = self.routed_steps
+            hidden_states, residual = steps.decoder(
+                self.layers, positions, hidden_states, routing,
+                steps.num_kept_tokens(routing, hidden_states.shape[0], hidden_states.device))
         if residual is None:
             return self.norm(hidden_states)
         hidden_states, _ = self.norm(hidden_states, residual)
@@ -349,6 +450,7 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
         if get_pp_group().world_size > 1:
             raise NotImplementedError("p-MoD-LLaVA does not support pipeline parallelism")
         self.config = config
+        self.vllm_config = vllm_config
         self.quant_config = vllm_config.quant_config
         self.routing: PmodRouting | None = None
         self.configure_mm_token_handling(vocab_size=config.vocab_size, mm_token_ids=[config.vocab_size])
@@ -375,13 +477,55 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
                                           prefix=maybe_prefix(prefix, "lm_head"))
         self.logits_processor = LogitsProcessor(config.vocab_size)
-        use_cuda_kernels_when_eager(self)
+        native_when_compiling(self)
 
     # -- runner hook --------------------------------------------------------------------------
 
     def set_pmod_routing(self, routing: PmodRouting | None) -> None:
         """Called by the p-MoD runner before each forward pass."""
         self.routing = routing
+
+    def warm_up_routed_steps(self) -> None:
+        """Compile the routed-step decoder at start-up instead of in the first image request:
+        one routed step of made-up tokens, without attention metadata (attention is skipped, as
+        in vLLM's profiling runs). Inputs are made the way the runner makes them (ordinary
+        tensors; the step runs in inference mode): torch.compile tells the two kinds apart."""
+        steps = self.model.routed_steps
+        if steps.backend is None:
+            return
+        start = time.perf_counter()
+        weight = self.model.embed_tokens.weight
+        device = weight.device
+        num_tokens, num_targets = self._warm_up_sizes(self.vllm_config.scheduler_config.max_num_batched_tokens)
+        with torch.no_grad():
+            plan = RoutingPlan.of([num_targets], [layer.retention_ratio if isinstance(layer, PmodDecoderLayer) else None
+                                                  for layer in self.model.layers])
+            routing = plan.routing(torch.arange(num_tokens - num_targets, num_tokens, device=device))
+            positions = torch.arange(num_tokens, device=device)
+            embeddings = torch.randn(num_tokens, weight.shape[1], device=device, dtype=weight.dtype) * 0.02
+        self.set_pmod_routing(routing)
+        try:
+            with torch.inference_mode(), set_forward_context(None, self.vllm_config):
+                self.forward(None, positions, inputs_embeds=embeddings)
+        finally:
+            self.set_pmod_routing(None)
+        logger.info("p-MoD: the decoder of steps that route visual tokens compiled (torch.compile, %s) in %.1f s",
+                    steps.backend, time.perf_counter() - start)
+
+    def _warm_up_sizes(self, max_tokens: int) -> tuple[int, int]:
+        """Token and target counts whose kept-token counts differ per retention ratio and from
+        every dimension of the model: torch.compile would assume sizes that are equal while it
+        traces stay equal."""
+        dims = {size for parameter in self.parameters() for size in parameter.shape}
+        ratios = sorted({layer.retention_ratio for layer in self.model.layers if isinstance(layer, PmodDecoderLayer)})
+        num_tokens = min(max_tokens, self.config.max_position_embeddings, 3001) - 1
+        while True:
+            num_targets = num_tokens - 37
+            kept = [num_tokens - num_targets + kept_target_count(num_targets, ratio) for ratio in ratios]
+            sizes = [num_tokens, num_targets, *kept]
+            if len(set(sizes)) == len(sizes) and not dims & set(sizes):
+                return num_tokens, num_targets
+            num_tokens -= 1
 
     # -- images ------------------------------------------------------------------------------
 
@@ -413,10 +557,12 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
                 inputs_embeds: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
         if self.routing is None:
             return self.model(input_ids, positions, inputs_embeds, None)
-        # Routing visual tokens: eager, with vLLM's CUDA kernels (see use_cuda_kernels_when_eager).
+        # Routing visual tokens: not vLLM's graph but the routed-step decoder (RoutedSteps); run
+        # eagerly, it uses vLLM's CUDA kernels (see native_when_compiling).
         if is_forward_context_available():
             get_forward_context().skip_compiled = True
-        with eager_kernel_priority():
+        eager = self.model.routed_steps.backend is None
+        with eager_kernel_priority() if eager else contextlib.nullcontext():
             return self.model(input_ids, positions, inputs_embeds, self.routing)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

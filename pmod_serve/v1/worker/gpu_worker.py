@@ -32,3 +32,9 @@ class PmodGPUWorker(Worker):
             torch.backends.cuda.enable_flash_sdp(False)
             torch.backends.cuda.enable_mem_efficient_sdp(False)
             torch.backends.cuda.enable_cudnn_sdp(False)
+
+    def compile_or_warm_up_model(self):
+        result = super().compile_or_warm_up_model()
+        # Steps that route visual tokens have their own compiled pieces (see RoutedSteps).
+        self.model_runner._pmod_model().warm_up_routed_steps()
+        return result

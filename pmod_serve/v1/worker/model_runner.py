@@ -47,7 +47,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.utils import CpuGpuBuffer
 
 from pmod_serve.pmod.kv_layout import RequestKVLayout, TargetPolicy, compacted_counts
-from pmod_serve.pmod.routing import PmodRouting
+from pmod_serve.pmod.routing import PmodRouting, RoutingPlan
 from pmod_serve.pmod.schedule import PmodSchedule
 from pmod_serve.v1.core.kv_cache_manager import PmodAttentionSpec, register_kv_cache_spec
 from pmod_serve.v1.worker.block_table import PmodBlockTable
@@ -106,8 +106,12 @@ class PmodStack:
         self.kept_index = buffer(max_num_tokens, num_classes, dtype=torch.int64)
         self.kept_request = buffer(max_num_tokens, num_classes, dtype=torch.int64)
         self.kept_index_by_class = self.kept_index.np.T
-        # Batch indices of the step's routing targets (pinned: the copy does not wait for the GPU).
+        # The step's routing (pmod_serve.pmod.routing), pinned: the copies do not wait for the GPU.
+        self.layer_ratios = list(spec.retention_ratios)
         self.target_index = buffer(max_num_tokens, dtype=torch.int64)
+        self.target_segment = buffer(max_num_tokens, dtype=torch.int64)
+        self.segment_start = buffer(max_num_reqs + 1, dtype=torch.int64)
+        self.kept_targets = buffer(len(self.layer_names) * (max_num_reqs + 1), dtype=torch.int64)
         # Host-computed slot mappings of small steps, `[layer, token]` packed (pinned).
         self.staged_slots = buffer(len(self.layer_names) * min(max_num_tokens, HOST_SLOT_MAPPING_MAX_TOKENS), dtype=torch.int64)
         self.kept_request_by_class = self.kept_request.np.T
@@ -431,17 +435,29 @@ class PmodRunnerMixin:
         if not routed.any():
             return None
         batch_start = np.cumsum(num_sched) - num_sched
-        pieces, segments, offset = [], [], 0
+        pieces = []
         for row in np.flatnonzero(routed):
             ranges = table.layouts[row].targets.ranges
             step_start = int(num_computed[row]) - int(batch_start[row])
-            indices = np.concatenate([np.arange(start, end) for start, end in ranges]) - step_start
-            pieces.append(indices)
-            segments.append((offset, offset + len(indices)))
-            offset += len(indices)
-        stack.target_index.np[:offset] = np.concatenate(pieces)
-        stack.target_index.copy_to_gpu(offset)
-        return PmodRouting(target_index=stack.target_index.gpu[:offset], segments=segments)
+            pieces.append(np.concatenate([np.arange(start, end) for start, end in ranges]) - step_start)
+        plan = RoutingPlan.of([len(piece) for piece in pieces], stack.layer_ratios)
+        num_targets, num_segments = int(plan.segment_start[-1]), len(plan.segment_start)
+        stack.target_index.np[:num_targets] = np.concatenate(pieces)
+        stack.target_segment.np[:num_targets] = plan.target_segment
+        stack.segment_start.np[:num_segments] = plan.segment_start
+        kept_size = plan.kept_targets.size
+        stack.kept_targets.np[:kept_size] = plan.kept_targets.reshape(-1)
+        for buffer, size in ((stack.target_index, num_targets), (stack.target_segment, num_targets),
+                             (stack.segment_start, num_segments), (stack.kept_targets, kept_size)):
+            buffer.copy_to_gpu(size)
+        return PmodRouting(
+            target_index=stack.target_index.gpu[:num_targets],
+            target_segment=stack.target_segment.gpu[:num_targets],
+            segment_start=stack.segment_start.gpu[:num_segments],
+            kept_targets=stack.kept_targets.gpu[:kept_size].view(len(stack.layer_ratios), num_segments),
+            num_skipped=plan.num_skipped,
+            segments=plan.segments,
+        )
 
     def _determine_batch_execution_and_padding(self, *args, **kwargs):
         # Routing (top-k, gathers of a data-dependent size) never runs inside a CUDA graph.
