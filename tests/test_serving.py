@@ -194,7 +194,7 @@ def test_savings_gauge_during_a_long_generation(pmod_server):
     stream = client.chat.completions.create(
         model=pmod_server.model, messages=[user_message("Go on.", [data_url(image)])],
         max_tokens=200, temperature=0, stream=True, extra_body={"ignore_eos": True})
-    for chunk in stream:
+    for _chunk in stream:
         if not samples:  # the first chunk comes with the first token
             deadline = time.monotonic() + 5
             sample = pmod_server.metrics()
