@@ -1,7 +1,7 @@
-"""Steps that route visual tokens run each decoder layer split at attention, the pieces compiled
-once for all layers (`RoutedSteps`). On GPUs that is inductor; here the `llm_prefix` engine traces
-them with torch.compile's `aot_eager` backend, so what dynamo captures (modules inlined, dynamic
-token counts, no graph break) is what computes the tokens."""
+"""Steps that route visual tokens run their whole decoder (`RoutedSteps.decoder`) as one graph,
+compiled once for every token count and batch. On GPUs that is inductor; here the `llm_prefix`
+engine traces it with torch.compile's `aot_eager` backend, so what dynamo captures (modules
+inlined, dynamic token counts, no graph break) is what computes the tokens."""
 
 from __future__ import annotations
 
