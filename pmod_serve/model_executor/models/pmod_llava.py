@@ -502,7 +502,10 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
                                                   for layer in self.model.layers])
             routing = plan.routing(torch.arange(num_tokens - num_targets, num_tokens, device=device))
             positions = torch.arange(num_tokens, device=device)
-            embeddings = torch.randn(num_tokens, weight.shape[1], device=device, dtype=weight.dtype) * 0.02
+            # A generator of its own: vLLM has already reset the global seed when this runs.
+            generator = torch.Generator(device).manual_seed(0)
+            embeddings = torch.randn(num_tokens, weight.shape[1], device=device, dtype=weight.dtype,
+                                     generator=generator) * 0.02
         self.set_pmod_routing(routing)
         try:
             with torch.inference_mode(), set_forward_context(None, self.vllm_config):

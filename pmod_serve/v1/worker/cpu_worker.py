@@ -58,3 +58,9 @@ class PmodCPUWorker(CPUWorker):
             raise RuntimeError(V1_RUNNER_REQUIRED)
         # vLLM builds its own runner in init_device; swap in ours before any model is loaded.
         self.model_runner = PmodCPUModelRunner(self.vllm_config, torch.device("cpu"))
+
+    def compile_or_warm_up_model(self):
+        result = super().compile_or_warm_up_model()
+        # As on GPUs: a compiled routed-step decoder (PMOD_ROUTED_STEP_COMPILE) compiles at start-up.
+        self.model_runner._pmod_model().warm_up_routed_steps()
+        return result
