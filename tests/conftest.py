@@ -68,7 +68,7 @@ SERVER_PARAMS = {"pmod-serve": "pmod_server", "vllm serve": "plain_server"}
 MODULE_GROUPS = {"test_deploy.py": "deploy",
                  "test_data_parallel.py": "both-cores", "test_tensor_parallel_cpu.py": "both-cores"}
 # Under xdist, these groups are handed out first (one to each process), each starting with its
-# soak (test_soak.py: a fixed 100+ s of traffic), so that the two soaks run side by side; the
+# soak (test_soak.py: a fixed 50 s of traffic), so that the two soaks run side by side; the
 # rest of the suite follows.
 FIRST_GROUPS = ("pmod-server", "plain-server")
 FIRST_MODULES = ("test_soak.py",)
