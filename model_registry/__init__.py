@@ -8,10 +8,14 @@ from model_registry.catalog import (
     lookup,
     validate_config,
 )
-from model_registry.chat_template import VICUNA_V1_SYSTEM_PROMPT, chat_template_path, render_prompt
 from model_registry.checkpoint import check_checkpoint, expected_weight_shapes, load_state_dict
 from model_registry.errors import CheckpointError, ConfigError, Problem
-from model_registry.vision_tower import (
+from pmod_serve.transformers_utils.chat_templates import (
+    VICUNA_V1_SYSTEM_PROMPT,
+    chat_template_path,
+    render_prompt,
+)
+from pmod_serve.transformers_utils.vision_tower import (
     VisionTowerError,
     image_layout_of,
     load_preprocessor_config,

@@ -25,8 +25,7 @@ from pmod_serve.pmod.schedule import (
 )
 from pmod_serve.transformers_utils.configs.pmod_llava import PMOD_ARCHITECTURE as ARCHITECTURE
 from pmod_serve.transformers_utils.configs.pmod_llava import PMOD_MODEL_TYPE as MODEL_TYPE
-
-CLIP_VIT_L_336 = "openai/clip-vit-large-patch14-336"
+from pmod_serve.transformers_utils.vision_tower import CLIP_VIT_L_336
 
 # LLaVA-NeXT's AnyRes grid: 1x2, 2x1, 2x2, 3x1 and 1x3 tiles of 336 pixels, as [width, height].
 NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]

@@ -18,8 +18,12 @@ import torch
 
 from model_registry.catalog import validate_config
 from model_registry.errors import CheckpointError, ConfigError, Problem
-from model_registry.vision_tower import VisionTowerError, load_vision_config, resolve_vision_tower
 from pmod_serve.pmod.schedule import PmodSchedule
+from pmod_serve.transformers_utils.vision_tower import (
+    VisionTowerError,
+    load_vision_config,
+    resolve_vision_tower,
+)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

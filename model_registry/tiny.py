@@ -29,7 +29,7 @@ from model_registry.checkpoint import (
     expected_weight_specs,
 )
 from model_registry.tokenizer import train_sentencepiece, vocab_size_of, write_tokenizer
-from model_registry.vision_tower import BUNDLED_VISION_TOWERS
+from pmod_serve.transformers_utils.vision_tower import BUNDLED_VISION_TOWERS
 
 # Bump when the produced files change, so cached builds are rebuilt.
 BUILDER_VERSION = 2

@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from model_registry.chat_template import VICUNA_V1_SYSTEM_PROMPT
+from pmod_serve.transformers_utils.chat_templates import VICUNA_V1_SYSTEM_PROMPT
 
 DEFAULT_VOCAB_SIZE = 512
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2

@@ -64,7 +64,7 @@ def _register_chat_template_fallback() -> None:
     try:
         from vllm.transformers_utils.chat_templates.registry import register_chat_template_fallback_path
 
-        from model_registry import chat_template_path
+        from pmod_serve.transformers_utils.chat_templates import chat_template_path
     except ImportError:  # pragma: no cover - older vLLM or a partial install
         return
     register_chat_template_fallback_path(PMOD_MODEL_TYPE, chat_template_path("vicuna_v1"))

@@ -30,7 +30,7 @@ import torch
 from model_registry.checkpoint import expected_weight_specs
 from model_registry.tiny import tiny_config, write_weights
 from model_registry.tokenizer import train_sentencepiece, vocab_size_of, write_tokenizer
-from model_registry.vision_tower import BUNDLED_VISION_TOWERS
+from pmod_serve.transformers_utils.vision_tower import BUNDLED_VISION_TOWERS
 from pmod_train import shapes
 
 NUM_LAYERS = 16

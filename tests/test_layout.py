@@ -156,7 +156,7 @@ def _in(name: str, package: str) -> bool:
 
 def test_the_walk_sees_the_packages():
     assert {"pmod_serve.plugin", "pmod_serve.pmod.schedule", "pmod_reference.model", "model_registry.catalog"} <= set(MODULES)
-    assert "model_registry" in DIRECT["pmod_serve.model_executor.models.pmod_llava"]
+    assert "pmod_serve.transformers_utils.vision_tower" in DIRECT["pmod_serve.model_executor.models.pmod_llava"]
     assert "pmod_serve.pmod.routing" in DIRECT["pmod_serve.v1.worker.model_runner"]
 
 
@@ -176,7 +176,16 @@ def test_no_cycle_between_packages():
     for name, targets in DIRECT.items():
         graph[_component(name)].update(_component(t) for t in targets if _component(t) != _component(name))
     assert _find_cycle(graph) is None, " -> ".join(_find_cycle(graph))
-    assert "model_registry" in graph["pmod_serve.model_executor"] and RULES in graph["model_registry"]
+    assert RULES in graph["pmod_serve.model_executor"] and RULES in graph["model_registry"]
+
+
+def test_the_runtime_does_not_import_the_model_registry():
+    """The served package stands on its own: the checkpoint catalogue and tools (`model_registry`)
+    build on it, never the other way round (tower configs and chat templates the engine needs are
+    `pmod_serve.transformers_utils`)."""
+    offenders = {f"{name}: {target}" for name in MODULES if _in(name, "pmod_serve")
+                 for target in IMPORTS[name] if _in(target, "model_registry")}
+    assert not offenders
 
 
 def test_the_pmod_rules_import_neither_vllm_nor_other_first_party_code():

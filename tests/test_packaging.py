@@ -44,5 +44,5 @@ def test_wheel_pins_the_toolchain_and_registers_the_plugin(tmp_path):
     assert shipped == {str(p.parent.relative_to(REPO)) for p in (REPO / "pmod_serve").rglob("*.py")}
     # The plain-PyTorch reference (the tests' oracle) is not part of the runtime wheel.
     assert not any(n.startswith(("pmod_reference/", "benchmarks/", "tests/")) for n in names)
-    assert any(n.startswith("model_registry/templates/") and n.endswith(".jinja") for n in names)
+    assert any(n.startswith("pmod_serve/transformers_utils/chat_templates/") and n.endswith(".jinja") for n in names)
     assert any(n.startswith("pmod_train/checkpoints/") for n in names)

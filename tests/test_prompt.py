@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from model_registry.chat_template import VICUNA_V1_SYSTEM_PROMPT, render_prompt
 from model_registry.tokenizer import train_sentencepiece, write_tokenizer
 from pmod_serve.tokenizers.prompt import IMAGE_MARKER, SPIECE_UNDERLINE, PromptTokenizer
+from pmod_serve.transformers_utils.chat_templates import VICUNA_V1_SYSTEM_PROMPT, render_prompt
 
 IMAGE = -200  # the released code's IMAGE_TOKEN_INDEX; any id works as a placeholder
 MULTI_TURN = render_prompt(

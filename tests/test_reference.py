@@ -13,9 +13,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from model_registry import CheckpointError, build_tiny_checkpoint
-from model_registry.chat_template import VICUNA_V1_SYSTEM_PROMPT
 from pmod_reference.model import LayerKVCache, PmodReference
 from pmod_serve.pmod.schedule import kept_target_count
+from pmod_serve.transformers_utils.chat_templates import VICUNA_V1_SYSTEM_PROMPT
 
 PROMPT = f"{VICUNA_V1_SYSTEM_PROMPT} USER: <image>\nWhat is in the image? ASSISTANT:"
 

@@ -22,7 +22,7 @@ from model_registry import (
     resolve_vision_tower,
     validate_config,
 )
-from model_registry.vision_tower import BUNDLED_VISION_TOWERS
+from pmod_serve.transformers_utils.vision_tower import BUNDLED_VISION_TOWERS
 
 NEXT = "MCG-NJU/p-MoD-LLaVA-NeXT-7B"
 V15 = "MCG-NJU/p-MoD-LLaVA-v1.5-7B"

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from model_registry import CheckpointError, check_checkpoint, load_state_dict, lookup, validate_config
 from model_registry.checkpoint import expected_weight_shapes
 from model_registry.tiny import STAMP_FILE, build_tiny_checkpoint, write_full_size_config
-from model_registry.vision_tower import load_vision_config, resolve_vision_tower
+from pmod_serve.transformers_utils.vision_tower import load_vision_config, resolve_vision_tower
 
 REPO = Path(__file__).resolve().parents[1]
 

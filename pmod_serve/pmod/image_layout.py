@@ -3,7 +3,7 @@ visual tokens an image gets, and how the crops' features become the image's toke
 
 No vLLM import (`pmod_serve.pmod`). The pixels (PIL image -> CLIP crops) are
 `pmod_serve.multimodal.image_processing`; a checkpoint's layout, with its CLIP tower's configs, is
-`model_registry.image_layout_of`.
+`pmod_serve.transformers_utils.vision_tower.image_layout_of`.
 
 Two layouts matter:
 - ``pad`` (p-MoD-LLaVA-v1.5): the image is expanded to a square and CLIP-preprocessed into one

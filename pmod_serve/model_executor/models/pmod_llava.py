@@ -57,13 +57,13 @@ from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
-from model_registry import image_layout_of, resolve_vision_tower
 from pmod_serve import envs
 from pmod_serve.multimodal.image_processing import preprocess
 from pmod_serve.pmod.image_layout import ImageLayout, merge_image_features, num_visual_tokens
 from pmod_serve.pmod.routing import PmodRouting, RoutingPlan
 from pmod_serve.pmod.schedule import PmodSchedule, WeightNorm, kept_target_count
 from pmod_serve.tokenizers.prompt import IMAGE_MARKER
+from pmod_serve.transformers_utils.vision_tower import image_layout_of, resolve_vision_tower
 
 logger = init_logger("vllm.pmod_serve")  # shown with vLLM's log configuration
 

@@ -13,10 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from model_registry.catalog import CLIP_VIT_L_336
 from pmod_serve.pmod.image_layout import CLIP_MEAN, CLIP_STD, ImageLayout
 
 _CLIP_DIR = Path(__file__).resolve().parent / "clip"
+
+# The tower the released checkpoints name (`mm_vision_tower`).
+CLIP_VIT_L_336 = "openai/clip-vit-large-patch14-336"
 
 BUNDLED_VISION_TOWERS: dict[str, Path] = {
     CLIP_VIT_L_336: _CLIP_DIR / "clip-vit-large-patch14-336",

@@ -7,7 +7,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+TEMPLATE_DIR = Path(__file__).resolve().parent
 
 # LLaVA's conv_vicuna_v1 system prompt, the default when the messages carry no system message.
 VICUNA_V1_SYSTEM_PROMPT = (
