@@ -15,8 +15,12 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: python -m pmod_train {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         raise SystemExit(2)
-    import importlib
+    import importlib.util
 
+    if importlib.util.find_spec("pmod_reference") is None:
+        # The wheel ships pmod_train for its checkpoints only (see pmod_train/__init__.py).
+        raise SystemExit(f"python -m pmod_train {argv[0]} needs a clone of the repository: it is built on the "
+                         "plain-PyTorch reference (pmod_reference), which the pmod-serve wheel does not ship")
     importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pmod_serve.pmod.kv_layout import RequestKVLayout, RequestTargets
+from pmod_serve.pmod.kv_layout import RequestKVLayout
 from pmod_serve.pmod.schedule import PmodSchedule, kept_target_count
+from pmod_serve.pmod.targets import RequestTargets
 from pmod_serve.v1.worker.block_table import PmodBlockTable
 
 BLOCK_SIZE = 16

@@ -46,9 +46,10 @@ from vllm.v1.attention.backends.utils import NULL_BLOCK_ID  # padded CUDA-graph 
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.utils import CpuGpuBuffer
 
-from pmod_serve.pmod.kv_layout import RequestKVLayout, TargetPolicy, compacted_counts
+from pmod_serve.pmod.kv_layout import RequestKVLayout, compacted_counts
 from pmod_serve.pmod.routing import PmodRouting, RoutingPlan
 from pmod_serve.pmod.schedule import PmodSchedule
+from pmod_serve.pmod.targets import TargetPolicy
 from pmod_serve.v1.core.kv_cache_manager import PmodAttentionSpec, register_kv_cache_spec
 from pmod_serve.v1.worker.block_table import PmodBlockTable
 

@@ -14,7 +14,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
-from pmod_serve.pmod.kv_layout import RequestTargets, TargetPolicy
+from pmod_serve.pmod.targets import RequestTargets, TargetPolicy
 from pmod_serve.transformers_utils.vision_tower import image_layout_of
 from pmod_serve.v1.core.kv_accounting import kv_usage, request_kv
 from pmod_serve.v1.core.kv_cache_manager import PmodAttentionManager, PmodKVCacheManager
