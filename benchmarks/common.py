@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from model_registry import VICUNA_V1_SYSTEM_PROMPT
+from model_registry import VICUNA_V1_SYSTEM_PROMPT, chat_template_path
 
 VICUNA_SYSTEM = VICUNA_V1_SYSTEM_PROMPT
 
@@ -31,7 +31,7 @@ def vicuna_prompt(question: str, num_images: int) -> str:
 
 
 # The LLaVA v1 conversation template both engines are served with (vLLM's LLaVA-NeXT has none).
-CHAT_TEMPLATE = Path(__file__).resolve().parents[1] / "model_registry" / "templates" / "vicuna_v1.jinja"
+CHAT_TEMPLATE = chat_template_path("vicuna_v1")
 
 
 def make_image(width: int, height: int, seed: int) -> Image.Image:

@@ -98,6 +98,7 @@ def padded_tokenizer_model(model_bytes: bytes, vocab_size: int = 32000) -> bytes
 def write_pmod_dir(out_dir: Path, tiny: bool = False) -> Path:
     from model_registry.tiny import TINY_TOWER_DIR, TINY_VISION_CONFIG, write_full_size_config
     from model_registry.tokenizer import write_tokenizer
+    from pmod_serve.transformers_utils.vision_tower import BUNDLED_VISION_TOWERS, CLIP_VIT_L_336
 
     out_dir = Path(out_dir)
     write_full_size_config(out_dir, "next", seed=0)
@@ -113,7 +114,7 @@ def write_pmod_dir(out_dir: Path, tiny: bool = False) -> Path:
         tower = out_dir / TINY_TOWER_DIR
         tower.mkdir(exist_ok=True)
         _write_json(tower / "config.json", TINY_VISION_CONFIG)
-        bundled = Path(__file__).resolve().parents[1] / "model_registry" / "clip" / "clip-vit-large-patch14-336"
+        bundled = BUNDLED_VISION_TOWERS[CLIP_VIT_L_336]
         shutil.copyfile(bundled / "preprocessor_config.json", tower / "preprocessor_config.json")
         _write_json(out_dir / "config.json", config)
     return out_dir
