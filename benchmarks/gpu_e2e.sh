@@ -22,6 +22,8 @@
 # a machine where `install` ran before. With `--engines pmod` and `--engines baseline` in two calls
 # (same warm machine), each server gets a whole call; merge the two files here with
 #   python -m benchmarks.e2e_serve --merge e2e_pmod.json e2e_baseline.json --out benchmarks/results/
+# With PMOD_ROUTED_STEP_COMPILE set (e.g. eager against the default), p-MoD's files are named
+# e2e_pmod-<setting>.json.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -79,6 +81,10 @@ case "$step" in
         *" --engines pmod "*) name=e2e_pmod ;;
         *" --engines baseline "*) name=e2e_baseline ;;
       esac
+      # p-MoD runs of several routed-step settings in one session (eager vs compiled) keep apart.
+      if [ "$name" != e2e_baseline ] && [ -n "${PMOD_ROUTED_STEP_COMPILE:-}" ]; then
+        name="$name-$PMOD_ROUTED_STEP_COMPILE"
+      fi
       [ -f "$out/e2e_serve.json" ] && cp "$out/e2e_serve.json" "$OUT/$name.json"
       tar -czf "$OUT/$name-files.tgz" -C "$(dirname "$out")" "$(basename "$out")"
     fi

@@ -3,13 +3,14 @@
 Issue 13, "Measure" 1. A benchmark, not a test: it prints a table and writes JSON.
 
     python -m benchmarks.host_overhead --out benchmarks/results/host_overhead_cpu.json
+    python -m benchmarks.host_overhead --kinds prefill --repeats 3 --out benchmarks/results/host_overhead_prefill_cpu.json
 
 Models: the tiny released-layout checkpoint with the released 32-layer PRD schedule (layers 8-31
 are p-MoD layers; `model_registry.tiny`, variant next, seed 0, the same build as
 `python -m model_registry.tiny --variant next --out DIR`) against its dense twin
 (`benchmarks.models.write_dense_twin`: the same weights and dimensions with routing off, no layer
 a p-MoD layer), both served by the same plugin, engine and settings. The dense twin gets one KV
-cache group; the p-MoD model gets one per retention ratio (today's engine path).
+cache group; so does the p-MoD model (its one group holds every layer's blocks; before issue 13, one per ratio).
 
 Each model runs in its own process (in-process engines share vLLM's process-global state), as an
 in-process `LLM` (VLLM_ENABLE_V1_MULTIPROCESSING=0), driven one step at a time through
@@ -148,13 +149,16 @@ def _engine_parts(llm):
     return core, core.scheduler, worker.model_runner
 
 
-def _summarise(timers: StepTimers, batch: int) -> dict:
+def _summarise(timers: StepTimers, batch: int, only_prefill: bool = False) -> dict:
+    """Per-step medians; `only_prefill`: over the steps that schedule prompt tokens only."""
     rec = timers.records
     steps = min(len(rec["schedule"]), len(rec["update"]), len(rec["execute"]))
     sample = rec["sample"] if len(rec["sample"]) >= steps else [(0.0, 0.0)] * steps
+    shapes = rec["sched_shape"][:steps]
+    chosen = [i for i in range(steps) if not only_prefill or shapes[i][1] > shapes[i][0]]
     ms = 1e3
     per_step = []
-    for i in range(steps):
+    for i in chosen:
         exec_total, exec_compute = rec["execute"][i]
         sample_total, sample_compute = sample[i]
         per_step.append({
@@ -174,8 +178,12 @@ def _summarise(timers: StepTimers, batch: int) -> dict:
     summary["forward"] = _median([s * ms for s in rec["forward"]])
     summary["other_compute"] = _median([s * ms for s in rec["other_compute"]])
     summary["step_wall"] = _median([s * ms for s in rec["step_wall"]])
-    shapes = rec["sched_shape"][:steps]
-    summary["steps"] = steps
+    if only_prefill:
+        # A prefill step's model compute differs between the models (that is the point of p-MoD):
+        # wall-clock medians of the compute and the step would compare work, not host cost.
+        summary["forward"] = summary["other_compute"] = summary["step_wall"] = None
+        summary["prefill_tokens"] = _median([shapes[i][1] for i in chosen])
+    summary["steps"] = len(chosen)
     summary["forward_calls"] = len(rec["forward"])
     summary["steady_steps"] = sum(1 for reqs, tokens in shapes if reqs == batch and tokens == batch)
     return {"median_ms": summary}
@@ -248,6 +256,40 @@ def _measure(llm, timers: StepTimers, kind: str, batch: int, args, seed0: int, q
     return result
 
 
+def _batch_sizes(args, kind: str) -> tuple[int, ...]:
+    return args.prefill_batch_sizes if kind == "prefill" else args.batch_sizes
+
+
+def _measure_prefill(llm, timers: StepTimers, batch: int, args, seed0: int, question: str) -> dict:
+    """Host time of the steps that prefill `batch` image requests of --prefill-image-size
+    submitted at once (what stands between a request and its first token), --prefill-rounds
+    rounds of fresh images (no prefix-cache hit past the system prompt)."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    timers.reset()
+    for round_index in range(args.prefill_rounds):
+        seed = seed0 + round_index * batch
+        prompts = _requests("image", batch, seed, question, args.prefill_image_size)
+        ids = [f"prefill-{batch}-{seed}-{i}" for i in range(batch)]
+        for req_id, prompt in zip(ids, prompts):
+            engine.add_request(req_id, prompt, SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0))
+        timers.recording = True
+        steps = 0
+        while engine.has_unfinished_requests():
+            start = time.perf_counter()
+            engine.step()
+            timers.records["step_wall"].append(time.perf_counter() - start)
+            steps += 1
+            if steps > args.max_prefill_steps:
+                raise RuntimeError(f"prefill x{batch}: unfinished after {steps} steps")
+        timers.recording = False
+    result = _summarise(timers, batch, only_prefill=True)
+    result.update({"batch": batch, "kind": "prefill", "rounds": args.prefill_rounds,
+                   "image_size": "x".join(map(str, args.prefill_image_size))})
+    return result
+
+
 def run_worker(args) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -303,14 +345,18 @@ def run_worker(args) -> None:
     seed = 0
     for kind in args.kinds:
         info["runs"][kind] = {}
-        for batch in args.batch_sizes:
-            result = _measure(llm, timers, kind, batch, args, seed, question)
+        for batch in _batch_sizes(args, kind):
+            if kind == "prefill":
+                result = _measure_prefill(llm, timers, batch, args, 50_000 + seed, question)
+            else:
+                result = _measure(llm, timers, kind, batch, args, seed, question)
             seed += batch
             info["runs"][kind][str(batch)] = result
             med = result["median_ms"]
             print(f"[host_overhead] {args.label} {kind} x{batch}: scheduler {med['scheduler']:.3f} ms, "
-                  f"runner host {med['runner_host']:.3f} ms, forward {med['forward']:.3f} ms "
-                  f"({med['steady_steps']}/{med['steps']} steady steps)", flush=True)
+                  f"runner host {med['runner_host']:.3f} ms, forward {med['forward'] or 0:.3f} ms "
+                  + (f"({med['steps']} prefill steps)" if kind == "prefill"
+                     else f"({med['steady_steps']}/{med['steps']} steady steps)"), flush=True)
     Path(args.result).write_text(json.dumps(info, indent=2) + "\n")
     # In-process engines do not always shut down cleanly; the process exits here.
     sys.stdout.flush()
@@ -365,6 +411,8 @@ def build_report(results: dict, args, command: str) -> dict:
         "git_commit": _git_commit(),
         "settings": {
             "batch_sizes": list(args.batch_sizes), "kinds": list(args.kinds), "steps": args.steps,
+            "prefill_batch_sizes": list(args.prefill_batch_sizes), "prefill_rounds": args.prefill_rounds,
+            "prefill_image_size": "x".join(map(str, args.prefill_image_size)),
             "warmup": args.warmup, "image_size": "x".join(map(str, args.image_size)),
             "max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib, "threads": args.threads,
             "question_tokens": 60, "dtype": "float32", "repeats": args.repeats,
@@ -378,7 +426,7 @@ def build_report(results: dict, args, command: str) -> dict:
     if pmod and dense:
         for kind in args.kinds:
             report["ratios_pmod_over_dense"][kind] = {}
-            for batch in args.batch_sizes:
+            for batch in _batch_sizes(args, kind):
                 p = pmod["runs"].get(kind, {}).get(str(batch), {}).get("median_ms", {})
                 d = dense["runs"].get(kind, {}).get(str(batch), {}).get("median_ms", {})
                 report["ratios_pmod_over_dense"][kind][str(batch)] = {
@@ -393,14 +441,20 @@ def _cell(models: dict, label: str, kind: str, batch: int, key: str):
 
 def print_table(report: dict) -> None:
     models = report["models"]
-    for kind in report["settings"]["kinds"]:
-        print(f"\n{kind} requests (per-step medians over decode steps, all requests running)")
-        header = f"{'':36}" + "".join(f"{'N=' + str(b):>24}" for b in report["settings"]["batch_sizes"])
+    settings = report["settings"]
+    for kind in settings["kinds"]:
+        batch_sizes = settings.get("prefill_batch_sizes", []) if kind == "prefill" else settings["batch_sizes"]
+        if kind == "prefill":
+            print(f"\nprefill: N image requests of {settings.get('prefill_image_size')} submitted at once "
+                  "(per-step medians over the steps that schedule prompt tokens)")
+        else:
+            print(f"\n{kind} requests (per-step medians over decode steps, all requests running)")
+        header = f"{'':36}" + "".join(f"{'N=' + str(b):>24}" for b in batch_sizes)
         print(header)
-        print(f"{'':36}" + "".join(f"{'p-MoD / dense / ratio':>24}" for _ in report["settings"]["batch_sizes"]))
+        print(f"{'':36}" + "".join(f"{'p-MoD / dense / ratio':>24}" for _ in batch_sizes))
         for key, title in ROWS:
             cells = []
-            for batch in report["settings"]["batch_sizes"]:
+            for batch in batch_sizes:
                 p, d = (_cell(models, label, kind, batch, key) for label in ("pmod", "dense"))
                 r = _ratio(p, d)
                 fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
@@ -432,7 +486,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch-sizes", type=lambda s: tuple(int(x) for x in s.split(",")),
                         default=DEFAULT_BATCH_SIZES)
     parser.add_argument("--kinds", type=lambda s: tuple(s.split(",")), default=("image", "text"),
-                        help="image,text")
+                        help="image,text,prefill (prefill: the steps that prefill image requests)")
+    parser.add_argument("--prefill-batch-sizes", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 4))
+    parser.add_argument("--prefill-image-size", type=_size, default=_size("672x672"),
+                        help="the standard 2928-visual-token request")
+    parser.add_argument("--prefill-rounds", type=int, default=4, help="rounds of fresh prefill requests")
     parser.add_argument("--steps", type=int, default=30, help="timed decode steps per batch size")
     parser.add_argument("--warmup", type=int, default=5, help="steady steps before timing")
     parser.add_argument("--image-size", type=_size, default=_size(DEFAULT_IMAGE_SIZE))
@@ -467,6 +525,9 @@ def main(argv=None) -> None:
     checkpoints = {"pmod": Path(checkpoint), "dense": write_dense_twin(checkpoint, args.work / "tiny-next-dense")}
     results = {}
     passthrough = ["--batch-sizes", ",".join(map(str, args.batch_sizes)), "--kinds", ",".join(args.kinds),
+                   "--prefill-batch-sizes", ",".join(map(str, args.prefill_batch_sizes)),
+                   "--prefill-image-size", "x".join(map(str, args.prefill_image_size)),
+                   "--prefill-rounds", str(args.prefill_rounds),
                    "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--image-size", "x".join(map(str, args.image_size)), "--max-model-len", str(args.max_model_len),
                    "--max-tokens", str(args.max_tokens), "--max-prefill-steps", str(args.max_prefill_steps),

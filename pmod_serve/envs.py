@@ -40,9 +40,9 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # Size cap per fetched image, in bytes; set by `pmod-serve --media-max-bytes`.
     "PMOD_MEDIA_MAX_BYTES": lambda: _int("PMOD_MEDIA_MAX_BYTES", DEFAULT_MEDIA_MAX_BYTES),
     # How steps that route visual tokens run their decoder (pmod_serve.model_executor.models.
-    # pmod_llava.routed_step_backend): "auto" (eager, until the compiled decoder passes the GPU
-    # exactness check), "eager", or a torch.compile backend ("inductor"; "aot_eager" traces
-    # without generating code, for tests).
+    # pmod_llava.routed_step_backend): "auto" (inductor on one CUDA GPU per engine where vLLM
+    # compiles, unquantized; eager elsewhere), "eager", or a torch.compile backend ("inductor";
+    # "aot_eager" traces without generating code, for tests).
     "PMOD_ROUTED_STEP_COMPILE": lambda: os.environ.get("PMOD_ROUTED_STEP_COMPILE", "auto").strip() or "auto",
     # Show the demo server's log on the terminal (`make demo`).
     "PMOD_DEMO_VERBOSE": lambda: bool(os.environ.get("PMOD_DEMO_VERBOSE")),

@@ -38,3 +38,72 @@ def test_traced_routed_steps_match_reference_without_recompiling(llm_prefix, tin
         assert list(output.outputs[0].token_ids) == reference.generate(tiny_next, prompt, images, NEW_TOKENS)
     # Warm-up compiled every piece for any token count: new sizes and batches reuse the graphs.
     assert unique_graphs() == graphs
+
+
+def test_steps_too_small_to_compile_run_eagerly(llm_prefix):
+    """torch.compile specialises sizes 0 and 1 (one target in a step, a layer keeping one token:
+    a new graph to compile in the middle of serving, a minute on a 7B) and cannot trace a layer
+    that keeps no token. Such steps run eagerly; the others reuse the start-up graph."""
+    import torch
+    from vllm.forward_context import set_forward_context
+
+    from pmod_serve.pmod.routing import RoutingPlan
+
+    model = engine_runner(llm_prefix)._pmod_model()
+    steps = model.model.routed_steps
+    graphs = unique_graphs()
+    generator = torch.Generator().manual_seed(0)
+    # (tokens in the step, targets per routed request, whether it runs compiled)
+    cases = [(50, [1], False), (2, [1], False), (7, [6], False), (3, [3], False),
+             (200, [1, 150], True), (300, [200], True)]
+    for num_tokens, segments, compiled in cases:
+        plan = RoutingPlan.of(segments, model.model.retention_ratios)
+        # Inputs made outside inference mode, as the runner's (inference tensors would be
+        # another graph's inputs).
+        routing = plan.routing(torch.arange(num_tokens - sum(segments), num_tokens))
+        assert steps.compiles(routing, num_tokens) is compiled, (num_tokens, segments)
+        positions = torch.arange(num_tokens)
+        embeddings = torch.randn(num_tokens, model.config.hidden_size, generator=generator) * 0.02
+        model.set_pmod_routing(routing)
+        try:
+            # No attention metadata: attention is skipped, as in the start-up warm-up (so the
+            # values are not meaningful; what matters is which path ran and what it compiled).
+            with torch.inference_mode(), set_forward_context(None, model.vllm_config):
+                hidden = model.forward(None, positions, inputs_embeds=embeddings)
+        finally:
+            model.set_pmod_routing(None)
+        assert hidden.shape == (num_tokens, model.config.hidden_size)
+    assert unique_graphs() == graphs
+
+
+def test_auto_compiles_routed_steps_where_checked_on_a_gpu(monkeypatch):
+    """`PMOD_ROUTED_STEP_COMPILE=auto`: inductor for the configuration whose compiled decoder was
+    checked on a GPU (CUDA, vLLM compiling, one GPU per engine, unquantized), eager elsewhere."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationMode
+
+    from pmod_serve.model_executor.models import pmod_llava
+
+    def backend(mode=CompilationMode.VLLM_COMPILE, tensor_parallel=1, quantization=None, kv_cache_dtype="auto",
+                elementwise_norm=True):
+        config = SimpleNamespace(compilation_config=SimpleNamespace(mode=mode),
+                                 parallel_config=SimpleNamespace(tensor_parallel_size=tensor_parallel),
+                                 model_config=SimpleNamespace(quantization=quantization),
+                                 cache_config=SimpleNamespace(cache_dtype=kv_cache_dtype))
+        schedule = SimpleNamespace(weight_norm=SimpleNamespace(elementwise=elementwise_norm))
+        return pmod_llava.routed_step_backend(schedule, config)
+
+    monkeypatch.setenv("PMOD_ROUTED_STEP_COMPILE", "auto")
+    assert backend() is None  # this CPU
+    monkeypatch.setattr(pmod_llava.current_platform, "is_cuda", lambda: True)
+    assert backend() == "inductor"
+    assert backend(mode=CompilationMode.NONE) is None  # --enforce-eager
+    assert backend(tensor_parallel=2) is None
+    assert backend(quantization="fp8") is None
+    assert backend(kv_cache_dtype="fp8") is None
+    assert backend(elementwise_norm=False) is None  # a softmax router norm: per request, eager
+    monkeypatch.setenv("PMOD_ROUTED_STEP_COMPILE", "eager")
+    assert backend() is None
+    monkeypatch.setenv("PMOD_ROUTED_STEP_COMPILE", "aot_eager")
+    assert backend(tensor_parallel=2) == "aot_eager"  # an explicit backend is taken as asked

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import BatchFeature, CLIPVisionConfig
 from vllm import ir
 from vllm.compilation.decorators import support_torch_compile
-from vllm.config import VllmConfig
+from vllm.config import CompilationMode, VllmConfig
 from vllm.config.multimodal import BaseDummyOptions
 from vllm.distributed import get_pp_group
 from vllm.forward_context import get_forward_context, is_forward_context_available, set_forward_context
@@ -315,25 +315,48 @@ class RoutedSteps:
 
         return cls(backend=backend, decoder=decoder)
 
-    def num_kept_tokens(self, routing: PmodRouting, num_tokens: int, device: torch.device) -> list[torch.Tensor | None]:
-        """Per layer, an empty tensor as long as the layer's kept-token set (compiled only)."""
+    def compiles(self, routing: PmodRouting, num_tokens: int) -> bool:
+        """Whether this step runs compiled. torch.compile specialises sizes 0 and 1 (a step with one
+        target, or a layer keeping one token, would compile a new graph in the middle of serving:
+        a minute on a 7B) and cannot trace a layer that keeps no token; such rare steps (a chunk
+        that ends one visual token into an image) run eagerly."""
         if self.backend is None:
-            return [None] * len(routing.num_skipped)
-        return [torch.empty((num_tokens - skipped, 0), device=device) for skipped in routing.num_skipped]
+            return False
+        fewest_kept = num_tokens - max(routing.num_skipped)
+        return min(num_tokens, routing.target_index.shape[0], fewest_kept) >= 2
+
+    def run(self, layers: nn.ModuleList, positions: torch.Tensor, hidden_states: torch.Tensor,
+            routing: PmodRouting) -> tuple[torch.Tensor, torch.Tensor | None]:
+        num_tokens = hidden_states.shape[0]
+        if not self.compiles(routing, num_tokens):
+            return routed_decoder(layers, positions, hidden_states, routing, [None] * len(routing.num_skipped))
+        # Per layer, an empty tensor as long as the layer's kept-token set: a size, not a constant.
+        num_kept_tokens = [torch.empty((num_tokens - skipped, 0), device=hidden_states.device)
+                           for skipped in routing.num_skipped]
+        return self.decoder(layers, positions, hidden_states, routing, num_kept_tokens)
 
 
-def routed_step_backend(schedule: PmodSchedule) -> str | None:
+def routed_step_backend(schedule: PmodSchedule, vllm_config: VllmConfig) -> str | None:
     """The torch.compile backend of routed steps (`PMOD_ROUTED_STEP_COMPILE`), None for eager.
 
-    "auto" is eager for now: the compiled decoder is exact on CPU (traced, and with inductor's
-    C++ code), but its first GPU check (inductor, float32) was not, and the fix (IR ops traced to
-    their out-of-place implementation) has not been on a GPU yet. Only where vLLM compiles the
-    model (GPUs, not --enforce-eager) is "inductor" worth asking for. A softmax router norm (per
-    request, from host-side bounds) is always eager."""
+    "auto" compiles with inductor where that was checked on a GPU and vLLM compiles too: CUDA,
+    not --enforce-eager, one GPU per engine, unquantized weights and KV cache (H200: float32
+    exact; batch-1 TTFT 0.75x of the eager routed step; benchmarks/results/routed_compile_gpu/).
+    Elsewhere eager (CPUs, tensor parallel, FP8 weights or KV cache: not yet checked). A softmax
+    router norm (per request, from host-side bounds) is always eager."""
     choice = envs.PMOD_ROUTED_STEP_COMPILE
-    if choice in ("auto", "eager") or not schedule.weight_norm.elementwise:
+    if choice == "eager" or not schedule.weight_norm.elementwise:
         return None
-    return choice
+    if choice != "auto":
+        return choice
+    checked = (
+        current_platform.is_cuda()
+        and vllm_config.compilation_config.mode != CompilationMode.NONE
+        and vllm_config.parallel_config.tensor_parallel_size == 1
+        and vllm_config.model_config.quantization is None
+        and vllm_config.cache_config.cache_dtype == "auto"
+    )
+    return "inductor" if checked else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +425,12 @@ class PmodLlamaModel(nn.Module):
                 layers.append(LlamaDecoderLayer(vllm_config, prefix=layer_prefix, config=config))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.routed_steps = RoutedSteps.compiled(routed_step_backend(schedule))
+        self.routed_steps = RoutedSteps.compiled(routed_step_backend(schedule, vllm_config))
+
+    @property
+    def retention_ratios(self) -> list[float | None]:
+        """Per layer, its retention ratio (None: a layer that keeps every token)."""
+        return [layer.retention_ratio if isinstance(layer, PmodDecoderLayer) else None for layer in self.layers]
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -419,10 +447,7 @@ class PmodLlamaModel(nn.Module):
                 else:
                     hidden_states, residual = layer(positions, hidden_states, residual)
         else:
-            steps = self.routed_steps
-            hidden_states, residual = steps.decoder(
-                self.layers, positions, hidden_states, routing,
-                steps.num_kept_tokens(routing, hidden_states.shape[0], hidden_states.device))
+            hidden_states, residual = self.routed_steps.run(self.layers, positions, hidden_states, routing)
         if residual is None:
             return self.norm(hidden_states)
         hidden_states, _ = self.norm(hidden_states, residual)
@@ -498,8 +523,7 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
         device = weight.device
         num_tokens, num_targets = self._warm_up_sizes(self.vllm_config.scheduler_config.max_num_batched_tokens)
         with torch.no_grad():
-            plan = RoutingPlan.of([num_targets], [layer.retention_ratio if isinstance(layer, PmodDecoderLayer) else None
-                                                  for layer in self.model.layers])
+            plan = RoutingPlan.of([num_targets], self.model.retention_ratios)
             routing = plan.routing(torch.arange(num_tokens - num_targets, num_tokens, device=device))
             positions = torch.arange(num_tokens, device=device)
             # A generator of its own: vLLM has already reset the global seed when this runs.
@@ -564,7 +588,7 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
         # eagerly, it uses vLLM's CUDA kernels (see native_when_compiling).
         if is_forward_context_available():
             get_forward_context().skip_compiled = True
-        eager = self.model.routed_steps.backend is None
+        eager = not self.model.routed_steps.compiles(self.routing, positions.shape[0])
         with eager_kernel_priority() if eager else contextlib.nullcontext():
             return self.model(input_ids, positions, inputs_embeds, self.routing)
 
