@@ -246,11 +246,14 @@ class PmodDecoderLayer(nn.Module):
         """Batch indices of the tokens this layer processes: every non-target token and each
         request's top-k targets (k = `kept_target_count`), in batch order.
 
-        One sort for all requests at once (no per-request loop: the same graph serves any batch):
-        targets by weight, best first, then stably by request; a target is kept if its rank in its
-        request is below that request's k. Equal weights rank in batch order. The number of kept
-        tokens is known on the host (`num_kept_tokens`: a tensor of that length, so that
-        torch.compile sees a size, not a constant), so nothing waits for the GPU."""
+        Compiled (`num_kept_tokens` given), one sort for all requests at once (no per-request
+        loop: the same graph serves any batch): targets by weight, best first, then stably by
+        request; a target is kept if its rank in its request is below that request's k. Equal
+        weights rank in batch order. The number of kept tokens is known on the host
+        (`num_kept_tokens`: a tensor of that length, so that torch.compile sees a size, not a
+        constant), so nothing waits for the GPU."""
+        if num_kept_tokens is None:
+            return self.kept_token_index_eager(weights, routing, num_tokens)
         target_index, target_segment = routing.target_index, routing.target_segment
         by_weight = torch.sort(weights, descending=True, stable=True).indices
         by_request = by_weight.index_select(0, torch.sort(target_segment.index_select(0, by_weight), stable=True).indices)
@@ -259,8 +262,21 @@ class PmodDecoderLayer(nn.Module):
         keep = rank < routing.kept_targets[self.layer_index].index_select(0, segment)
         kept = torch.ones(num_tokens, dtype=torch.bool, device=weights.device).index_fill_(0, target_index, False)
         kept.index_put_((target_index.index_select(0, by_request),), keep)
-        size = num_kept_tokens.shape[0] if num_kept_tokens is not None else num_tokens - routing.num_skipped[self.layer_index]
-        return torch.nonzero_static(kept, size=size).squeeze(1)
+        return torch.nonzero_static(kept, size=num_kept_tokens.shape[0]).squeeze(1)
+
+    def kept_token_index_eager(self, weights: torch.Tensor, routing: PmodRouting, num_tokens: int) -> torch.Tensor:
+        """`kept_token_index` op by op: one `torch.topk` per request (the reference's definition),
+        a third of the kernels of the segmented sort, which is what counts when each is launched
+        from Python."""
+        target_index = routing.target_index
+        chosen = []
+        for start, end in routing.segments:
+            top = torch.topk(weights[start:end], kept_target_count(end - start, self.retention_ratio)).indices
+            chosen.append(top + start if start else top)
+        kept = torch.ones(num_tokens, dtype=torch.bool, device=weights.device).index_fill_(0, target_index, False)
+        kept.index_fill_(0, target_index.index_select(0, torch.cat(chosen) if len(chosen) > 1 else chosen[0]), True)
+        # The count is known on the host: no device-to-host sync to size the result.
+        return torch.nonzero_static(kept, size=num_tokens - routing.num_skipped[self.layer_index]).squeeze(1)
 
 
 # ---------------------------------------------------------------------------------------------
