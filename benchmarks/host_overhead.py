@@ -256,8 +256,9 @@ def _measure(llm, timers: StepTimers, kind: str, batch: int, args, seed0: int, q
     return result
 
 
-def _batch_sizes(args, kind: str) -> tuple[int, ...]:
-    return args.prefill_batch_sizes if kind == "prefill" else args.batch_sizes
+def _batch_sizes(settings: dict, kind: str) -> list[int]:
+    """The batch sizes of `kind`, from the arguments (`vars(args)`) or a report's settings."""
+    return list(settings["prefill_batch_sizes"] if kind == "prefill" else settings["batch_sizes"])
 
 
 def _measure_prefill(llm, timers: StepTimers, batch: int, args, seed0: int, question: str) -> dict:
@@ -345,7 +346,7 @@ def run_worker(args) -> None:
     seed = 0
     for kind in args.kinds:
         info["runs"][kind] = {}
-        for batch in _batch_sizes(args, kind):
+        for batch in _batch_sizes(vars(args), kind):
             if kind == "prefill":
                 result = _measure_prefill(llm, timers, batch, args, 50_000 + seed, question)
             else:
@@ -426,7 +427,7 @@ def build_report(results: dict, args, command: str) -> dict:
     if pmod and dense:
         for kind in args.kinds:
             report["ratios_pmod_over_dense"][kind] = {}
-            for batch in _batch_sizes(args, kind):
+            for batch in _batch_sizes(vars(args), kind):
                 p = pmod["runs"].get(kind, {}).get(str(batch), {}).get("median_ms", {})
                 d = dense["runs"].get(kind, {}).get(str(batch), {}).get("median_ms", {})
                 report["ratios_pmod_over_dense"][kind][str(batch)] = {
@@ -443,7 +444,7 @@ def print_table(report: dict) -> None:
     models = report["models"]
     settings = report["settings"]
     for kind in settings["kinds"]:
-        batch_sizes = settings.get("prefill_batch_sizes", []) if kind == "prefill" else settings["batch_sizes"]
+        batch_sizes = _batch_sizes(settings, kind)
         if kind == "prefill":
             print(f"\nprefill: N image requests of {settings.get('prefill_image_size')} submitted at once "
                   "(per-step medians over the steps that schedule prompt tokens)")

@@ -560,7 +560,7 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
         every dimension of the model: torch.compile would assume sizes that are equal while it
         traces stay equal."""
         dims = {size for parameter in self.parameters() for size in parameter.shape}
-        ratios = sorted({layer.retention_ratio for layer in self.model.layers if isinstance(layer, PmodDecoderLayer)})
+        ratios = sorted({ratio for ratio in self.model.retention_ratios if ratio is not None})
         num_tokens = min(max_tokens, self.config.max_position_embeddings, 3001) - 1
         while True:
             num_targets = num_tokens - 37
