@@ -81,7 +81,7 @@ def serve(checkpoint: Path, items: list[shapes.Example]) -> dict[str, Any]:
                 outputs[index] = list(output.outputs[0].token_ids)
                 texts[index] = output.outputs[0].text
                 prompt_tokens[index] = len(output.prompt_token_ids)
-        for request_id, kv in kv_usage(scheduler).requests.items():
+        for request_id, kv in kv_usage(scheduler, per_request=True).requests.items():
             index = int(request_id.split("-")[0][1:])
             if index not in largest or kv.layer_slots >= largest[index].layer_slots:
                 largest[index] = kv

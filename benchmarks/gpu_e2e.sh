@@ -22,7 +22,7 @@
 # a machine where `install` ran before. With `--engines pmod` and `--engines baseline` in two calls
 # (same warm machine), each server gets a whole call; merge the two files here with
 #   python -m benchmarks.e2e_serve --merge e2e_pmod.json e2e_baseline.json --out benchmarks/results/
-# With PMOD_ROUTED_STEP_COMPILE set (e.g. eager against the default), p-MoD's files are named
+# With PMOD_ROUTED_STEP_COMPILE set (e.g. inductor against the default), p-MoD's files are named
 # e2e_pmod-<setting>.json.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

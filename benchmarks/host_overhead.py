@@ -307,7 +307,7 @@ def run_worker(args) -> None:
 
     start = time.perf_counter()
     llm = LLM(model=str(args.checkpoint), dtype="float32", seed=0, max_model_len=args.max_model_len,
-              max_num_seqs=max(args.batch_sizes))
+              max_num_seqs=max(args.batch_sizes), block_size=args.block_size)
     engine_start_s = time.perf_counter() - start
     core, scheduler, runner = _engine_parts(llm)
     timers = StepTimers()
@@ -334,6 +334,7 @@ def run_worker(args) -> None:
         "engine_start_s": engine_start_s,
         "kv_cache_groups": len(kv_config.kv_cache_groups),
         "kv_cache_num_blocks": kv_config.num_blocks,
+        "prefix_caching": scheduler.kv_cache_manager.enable_caching,
         "async_scheduling": bool(core.vllm_config.scheduler_config.async_scheduling),
         "batch_queue": getattr(core, "batch_queue", None) is not None,
         "max_num_batched_tokens": core.vllm_config.scheduler_config.max_num_batched_tokens,
@@ -416,6 +417,7 @@ def build_report(results: dict, args, command: str) -> dict:
             "prefill_image_size": "x".join(map(str, args.prefill_image_size)),
             "warmup": args.warmup, "image_size": "x".join(map(str, args.image_size)),
             "max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib, "threads": args.threads,
+            "block_size": args.block_size,
             "question_tokens": 60, "dtype": "float32", "repeats": args.repeats,
         },
         "models": {},
@@ -499,6 +501,10 @@ def parse_args(argv=None):
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--max-prefill-steps", type=int, default=2000)
     parser.add_argument("--kv-cache-gib", type=int, default=3, help="VLLM_CPU_KVCACHE_SPACE")
+    # vLLM's default block size on CUDA. The CPU backend's own default (128) would lend a 7B image
+    # request 8x fewer layer-blocks than a GPU does and hide the per-block work of the scheduler
+    # (allocation, prefix-cache naming) that a GPU server pays.
+    parser.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="worker runs per model, alternating the order; the lowest median is reported")
     parser.add_argument("--threads", type=int, default=1,
@@ -532,7 +538,8 @@ def main(argv=None) -> None:
                    "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--image-size", "x".join(map(str, args.image_size)), "--max-model-len", str(args.max_model_len),
                    "--max-tokens", str(args.max_tokens), "--max-prefill-steps", str(args.max_prefill_steps),
-                   "--kv-cache-gib", str(args.kv_cache_gib), "--threads", str(args.threads)]
+                   "--kv-cache-gib", str(args.kv_cache_gib), "--threads", str(args.threads),
+                   "--block-size", str(args.block_size)]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1",
                OMP_NUM_THREADS=str(args.threads))
     # Repeats alternate the order (A B, B A, ...) so that a load drift on a shared machine hits both

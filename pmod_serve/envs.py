@@ -40,10 +40,10 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # Size cap per fetched image, in bytes; set by `pmod-serve --media-max-bytes`.
     "PMOD_MEDIA_MAX_BYTES": lambda: _int("PMOD_MEDIA_MAX_BYTES", DEFAULT_MEDIA_MAX_BYTES),
     # How steps that route visual tokens run their decoder (pmod_serve.model_executor.models.
-    # pmod_llava.routed_step_backend): "auto" (inductor on one CUDA GPU per engine where vLLM
-    # compiles, unquantized; eager elsewhere), "eager", or a torch.compile backend ("inductor";
-    # "aot_eager" traces without generating code, for tests).
-    "PMOD_ROUTED_STEP_COMPILE": lambda: os.environ.get("PMOD_ROUTED_STEP_COMPILE", "auto").strip() or "auto",
+    # pmod_llava.routed_step_backend): "eager" (the default, with vLLM's CUDA kernels), or a
+    # torch.compile backend for their decoder ("inductor"; "aot_eager" traces without generating
+    # code, for tests).
+    "PMOD_ROUTED_STEP_COMPILE": lambda: os.environ.get("PMOD_ROUTED_STEP_COMPILE", "eager").strip() or "eager",
     # Show the demo server's log on the terminal (`make demo`).
     "PMOD_DEMO_VERBOSE": lambda: bool(os.environ.get("PMOD_DEMO_VERBOSE")),
 }

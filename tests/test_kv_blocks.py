@@ -125,7 +125,7 @@ def test_kv_savings_for_a_2x2_tile_request(llm_next, capsys):
             request = engine_request(scheduler, "ratio")
             if request.num_computed_tokens - request.num_prompt_tokens == 127:
                 expected = check_request(scheduler, runner, request, schedule, image_token_id)
-                last = (request.num_prompt_tokens, kv_usage(scheduler).requests[request.request_id], expected)
+                last = (request.num_prompt_tokens, kv_usage(scheduler, per_request=True).requests[request.request_id], expected)
     assert last is not None
     prompt_len, usage, expected = last
     num_targets = 576 + 48 * 49

@@ -117,6 +117,38 @@ def test_names_depend_on_layer_and_routing():
     assert one_image.key(20, 1) is not None
 
 
+def dependency(layout: RequestKVLayout, layer: int, slot: int) -> int:
+    """The module docstring's rule, one slot at a time: the last original position the KV of
+    `layer`'s compacted `slot` depends on."""
+    if not layout.routed or slot < layout.span_start:
+        return slot
+    skipped = int(layout.skipped[layer])
+    return layout.span_end - 1 if slot < layout.span_end - skipped else slot + skipped
+
+
+@pytest.mark.parametrize("ranges", [[(40, 1000)], [(40, 600), (700, 1000)], []])
+@pytest.mark.parametrize("num_hashes", [1, 20, 31, 37])
+def test_block_names_follow_the_dependency_rule(ranges, num_hashes):
+    layout = layout_of(ranges)
+    keys = LayerBlockKeys(layout, token_hashes(1200)[:num_hashes])
+    for layer in (0, 7, 8, 20, 31):
+        for start, stop in ((0, 38), (1, 5), (30, 38), (5, 5)):
+            _, indexes, names, covered = keys.names(np.array([layer]), np.array([start]), np.array([stop]))
+            originals = [dependency(layout, layer, (i + 1) * BLOCK - 1) // BLOCK for i in range(start, stop)]
+            named = [i for i, block in zip(range(start, stop), originals) if block < num_hashes]
+            assert indexes == named == list(range(start, start + len(named)))
+            assert covered == [(block + 1) * BLOCK for block in originals[: len(named)]]
+            assert names == [keys.key(layer, i) for i in named] == keys.layer_names(layer, start, stop)
+    # All layers in one call: the same names, layer after layer.
+    layers = np.array([3, 9, 30])
+    starts, stops = np.array([0, 4, 30]), np.array([38, 20, 38])
+    assert keys.names(layers, starts, stops)[2] == [
+        name for layer, start, stop in zip(layers, starts, stops) for name in keys.layer_names(int(layer), start, stop)]
+    all_names = keys.names(np.arange(layout.num_layers), np.zeros(layout.num_layers, dtype=np.int64),
+                           np.full(layout.num_layers, 38))[2]
+    assert len(set(all_names)) == len(all_names)
+
+
 # --- the engine -----------------------------------------------------------------------------
 
 
@@ -135,14 +167,14 @@ def prefix_cache_counters(llm) -> dict[str, float]:
 
 
 def check_accounting(scheduler) -> None:
-    """Blocks the running requests hold, each counted once, are the pool's blocks in use."""
+    """The blocks in use that the metrics report are the blocks the running requests hold,
+    each counted once, and every block's reference count is the number of requests holding it."""
     pool = scheduler.kv_cache_manager.block_pool
-    in_use = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # block 0 is the null block
-    assert kv_usage(scheduler).layer_blocks == in_use
     referenced = {}
     for blocks in scheduler.pmod_kv_manager.req_to_blocks.values():
         for block in blocks:
             referenced[block.block_id] = referenced.get(block.block_id, 0) + 1
+    assert kv_usage(scheduler).layer_blocks == len(referenced)
     for block_id, count in referenced.items():
         assert pool.blocks[block_id].ref_cnt == count
 

@@ -1,9 +1,11 @@
 """Steps that route visual tokens run their whole decoder (`RoutedSteps.decoder`) as one graph,
-compiled once for every token count and batch. On GPUs that is inductor; here the `llm_prefix`
+compiled once for every token count and batch, when `PMOD_ROUTED_STEP_COMPILE` names a backend (inductor on GPUs); here the `llm_prefix`
 engine traces it with torch.compile's `aot_eager` backend, so what dynamo captures (modules
 inlined, dynamic token counts, no graph break) is what computes the tokens."""
 
 from __future__ import annotations
+
+import logging
 
 from conftest import engine_runner, make_image, vicuna_prompt
 from vllm import SamplingParams
@@ -76,9 +78,11 @@ def test_steps_too_small_to_compile_run_eagerly(llm_prefix):
     assert unique_graphs() == graphs
 
 
-def test_auto_compiles_routed_steps_where_checked_on_a_gpu(monkeypatch):
-    """`PMOD_ROUTED_STEP_COMPILE=auto`: inductor for the configuration whose compiled decoder was
-    checked on a GPU (CUDA, vLLM compiling, one GPU per engine, unquantized), eager elsewhere."""
+def test_routed_steps_run_eagerly_unless_a_backend_is_asked_for(monkeypatch, caplog):
+    """Eager by default (measured faster end to end on a GPU); a torch.compile backend when
+    `PMOD_ROUTED_STEP_COMPILE` names one, with a warning for inductor outside the configuration
+    whose compiled decoder was checked on a GPU (CUDA, vLLM compiling, one GPU per engine,
+    unquantized)."""
     from types import SimpleNamespace
 
     from vllm.config import CompilationMode
@@ -94,16 +98,23 @@ def test_auto_compiles_routed_steps_where_checked_on_a_gpu(monkeypatch):
         schedule = SimpleNamespace(weight_norm=SimpleNamespace(elementwise=elementwise_norm))
         return pmod_llava.routed_step_backend(schedule, config)
 
-    monkeypatch.setenv("PMOD_ROUTED_STEP_COMPILE", "auto")
-    assert backend() is None  # this CPU
+    def warned(**settings) -> bool:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="vllm.pmod_serve"):
+            assert backend(**settings) == "inductor"
+        return "not checked" in caplog.text
+
+    monkeypatch.delenv("PMOD_ROUTED_STEP_COMPILE", raising=False)
     monkeypatch.setattr(pmod_llava.current_platform, "is_cuda", lambda: True)
-    assert backend() == "inductor"
-    assert backend(mode=CompilationMode.NONE) is None  # --enforce-eager
-    assert backend(tensor_parallel=2) is None
-    assert backend(quantization="fp8") is None
-    assert backend(kv_cache_dtype="fp8") is None
-    assert backend(elementwise_norm=False) is None  # a softmax router norm: per request, eager
-    monkeypatch.setenv("PMOD_ROUTED_STEP_COMPILE", "eager")
     assert backend() is None
+    monkeypatch.setenv("PMOD_ROUTED_STEP_COMPILE", "inductor")
+    assert not warned()
+    assert warned(mode=CompilationMode.NONE)  # --enforce-eager
+    assert warned(tensor_parallel=2)
+    assert warned(quantization="fp8")
+    assert warned(kv_cache_dtype="fp8")
+    assert backend(elementwise_norm=False) is None  # a softmax router norm: per request, eager
+    monkeypatch.setattr(pmod_llava.current_platform, "is_cuda", lambda: False)
+    assert warned()  # a CPU
     monkeypatch.setenv("PMOD_ROUTED_STEP_COMPILE", "aot_eager")
-    assert backend(tensor_parallel=2) == "aot_eager"  # an explicit backend is taken as asked
+    assert backend(tensor_parallel=2) == "aot_eager"

@@ -129,14 +129,19 @@ class RequestKVLayout:
             raise RuntimeError(f"p-MoD: {num_new} new KV blocks fit no token count (held {held.tolist()})")
         return blocks - held
 
-    def layer_of_new_blocks(self, held: np.ndarray, num_tokens: int, num_new: int) -> np.ndarray:
-        """The layer of each of `num_new` blocks lent at once to top every layer up to `num_tokens`
-        fed tokens, given the blocks each layer `held`: layer after layer, the order in which the
-        scheduler's KV manager and the model runner's block table both read a block list."""
+    def new_blocks_per_layer(self, held: np.ndarray, num_tokens: int, num_new: int) -> np.ndarray:
+        """How many of `num_new` blocks lent at once to top every layer up to `num_tokens` fed
+        tokens go to each layer, given the blocks each layer `held`. They come layer after layer:
+        the order in which the scheduler's KV manager and the model runner's block table both
+        read a block list."""
         new = self.layer_blocks(num_tokens) - held if _valid_count(self, num_tokens) else None
         if new is None or int(new.sum()) != num_new or (new < 0).any():
             new = self.split_new_blocks(held, num_new)
-        return np.repeat(np.arange(self.num_layers), new)
+        return new
+
+    def layer_of_new_blocks(self, held: np.ndarray, num_tokens: int, num_new: int) -> np.ndarray:
+        """The layer of each of those `num_new` blocks (`new_blocks_per_layer`)."""
+        return np.repeat(np.arange(self.num_layers), self.new_blocks_per_layer(held, num_tokens, num_new))
 
     def max_tokens_within(self, layer: int, num_slots: int) -> int:
         """The largest token count a request may resume from (`RequestTargets.resumable`) at which

@@ -34,7 +34,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from pmod_serve.pmod.kv_layout import RequestKVLayout, RequestTargets
-from pmod_serve.v1.core.prefix_cache import LayerBlockKeys, find_prefix_hit, layer_block_lists
+from pmod_serve.v1.core.prefix_cache import LayerBlockKeys, find_prefix_hit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,11 +72,29 @@ class RequestLayerBlocks:
     layers: list[list[KVCacheBlock]]
     cached: np.ndarray  # [layer] blocks named in the prefix cache
     cached_up_to: int = 0  # token count the names were last brought up to
+    allocated_for: int = 0  # token count of the last allocation: every layer is topped up to it
     keys: LayerBlockKeys | None = field(default=None, repr=False)
 
     @classmethod
     def empty(cls, num_layers: int) -> RequestLayerBlocks:
         return cls([[] for _ in range(num_layers)], np.zeros(num_layers, dtype=np.int64))
+
+    def add(self, layout: RequestKVLayout, blocks: Sequence[KVCacheBlock], num_tokens: int) -> None:
+        """File a list of blocks lent at once (to reach `num_tokens` tokens) under their layers,
+        as the model runner's block table does (`PmodBlockTable._assign`)."""
+        crossing = layout.crossing_layers(num_tokens)
+        if self.allocated_for == num_tokens - 1 and crossing is not None and len(crossing) == len(blocks):
+            # Decoding: one block for each layer that crosses a block boundary (most steps of a
+            # request lend one or two, the layers' counts being offset by their skipped tokens).
+            for layer, block in zip(crossing.tolist(), blocks):
+                self.layers[layer].append(block)
+        else:
+            held = np.array([len(layer_blocks) for layer_blocks in self.layers], dtype=np.int64)
+            end = 0
+            for layer_blocks, count in zip(self.layers, layout.new_blocks_per_layer(held, num_tokens, len(blocks)).tolist()):
+                layer_blocks.extend(blocks[end : end + count])
+                end += count
+        self.allocated_for = num_tokens
 
 
 class PmodAttentionManager(FullAttentionManager):
@@ -152,12 +170,15 @@ class PmodAttentionManager(FullAttentionManager):
             virtual,
             virtual if num_tokens_main_model == num_tokens else self._virtual_tokens(request_id, num_tokens_main_model),
         )
-        if self.enable_caching and new_blocks:
-            layout = self.layouts[request_id]
+        if self.enable_caching:
             state = self.layer_blocks_of.get(request_id)
-            if state is None:
-                state = self.layer_blocks_of[request_id] = RequestLayerBlocks.empty(layout.num_layers)
-            layer_block_lists(layout, new_blocks, state.layers, num_tokens)
+            if new_blocks:
+                layout = self.layouts[request_id]
+                if state is None:
+                    state = self.layer_blocks_of[request_id] = RequestLayerBlocks.empty(layout.num_layers)
+                state.add(layout, new_blocks, num_tokens)
+            elif state is not None:
+                state.allocated_for = num_tokens  # the layers already hold what it needs
         return new_blocks
 
     # --- prefix caching ----------------------------------------------------------------------
@@ -193,7 +214,7 @@ class PmodAttentionManager(FullAttentionManager):
         self.prefix_hits[request_id] = num_local_computed_tokens
         # The hit's blocks: the first allocation, at the hit's token count; all already named.
         state = RequestLayerBlocks.empty(layout.num_layers)
-        layer_block_lists(layout, new_computed_blocks, state.layers, num_local_computed_tokens)
+        state.add(layout, new_computed_blocks, num_local_computed_tokens)
         state.cached = np.array([len(blocks) for blocks in state.layers], dtype=np.int64)
         state.cached_up_to = num_local_computed_tokens
         self.layer_blocks_of[request_id] = state
@@ -219,20 +240,14 @@ class PmodAttentionManager(FullAttentionManager):
             return
         if state.keys is None or state.keys.block_hashes is not request.block_hashes:
             state.keys = LayerBlockKeys(layout, request.block_hashes)
-        keys = state.keys
-        for layer in layers.tolist():
-            blocks = state.layers[layer]
-            for index in range(int(state.cached[layer]), min(int(full[layer]), len(blocks))):
-                block = blocks[index]
-                key = keys.key(layer, index)
-                if key is None or block.is_null:
-                    break
-                self.block_pool._insert_block_hash(
-                    make_block_hash_with_group_id(key, self.kv_cache_group_id),
-                    block,
-                    num_tokens=keys.covered_tokens(layer, index),
-                )
-                state.cached[layer] = index + 1
+        first = state.cached[layers]
+        held = np.array([len(state.layers[layer]) for layer in layers.tolist()], dtype=np.int64)
+        named_layers, indexes, names, covered = state.keys.names(layers, first, np.minimum(full[layers], held))
+        insert = self.block_pool._insert_block_hash
+        group_id = self.kv_cache_group_id
+        for layer, index, name, num_tokens in zip(named_layers, indexes, names, covered):
+            insert(make_block_hash_with_group_id(name, group_id), state.layers[layer][index], num_tokens=num_tokens)
+        state.cached += np.bincount(named_layers, minlength=layout.num_layers)
         self.num_cached_block[request_id] = int(state.cached.sum())
 
     def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:

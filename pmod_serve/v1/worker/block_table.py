@@ -72,7 +72,7 @@ class PmodBlockTable(BlockTable):
         # (a few per request while decoding); rows that were added or moved are copied whole.
         self.max_writes = max_num_reqs * num_layers * 4
         self.staged_writes = CpuGpuBuffer(self.max_writes, 4, dtype=torch.int64, device=device, pin_memory=pin_memory)
-        self.writes: list[tuple[np.ndarray, int, np.ndarray, list[int]]] = []
+        self.writes: list[tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]] = []  # layers, rows, columns, ids
         self.rows_changed = False
         self.host_only = device.type == "cpu"
         if self.host_only:
@@ -184,10 +184,10 @@ class PmodBlockTable(BlockTable):
         elif num_writes:
             staged = self.staged_writes.np
             start = 0
-            for layers, row, columns, block_ids in writes:
+            for layers, rows, columns, block_ids in writes:
                 end = start + len(layers)
                 staged[start:end, 0] = layers
-                staged[start:end, 1] = row
+                staged[start:end, 1] = rows
                 staged[start:end, 2] = columns
                 staged[start:end, 3] = block_ids
                 start = end
@@ -225,6 +225,11 @@ class PmodBlockTable(BlockTable):
         start."""
         if not self.pending:
             return
+        # Decoding rows (one block each for the layers crossing a block boundary: most rows of
+        # most steps, the layers' counts being offset by their skipped tokens) in one update.
+        decode_rows: list[int] = []
+        decode_layers: list[np.ndarray] = []
+        decode_ids: list[int] = []
         for row, block_ids in self.pending.items():
             layout = self.layouts[row]
             computed = int(num_computed[row])
@@ -235,33 +240,46 @@ class PmodBlockTable(BlockTable):
                 self._assign(row, layout, block_ids[:num_hit], computed)
                 self.written[row] = layout.layer_blocks(computed)[self.class_first_layer] * self.block_size
                 block_ids = block_ids[num_hit:]
-            if block_ids:
-                self._assign(row, layout, block_ids, int(num_tokens[row]))
+            if not block_ids:
+                continue
+            tokens = int(num_tokens[row])
+            crossing = layout.crossing_layers(tokens)
+            if (
+                crossing is not None
+                and len(crossing) == len(block_ids)
+                and self.held_total[row] == layout.total_blocks(tokens - 1)
+            ):
+                decode_rows.append(row)
+                decode_layers.append(crossing)
+                decode_ids.extend(block_ids)
+            else:
+                self._assign(row, layout, block_ids, tokens)
         self.pending.clear()
+        if decode_rows:
+            counts = np.array([len(layers) for layers in decode_layers], dtype=np.int64)
+            rows = np.repeat(np.array(decode_rows, dtype=np.int64), counts)
+            layers = np.concatenate(decode_layers)
+            columns = self.held[rows, layers]
+            self.tables.np[layers, rows, columns] = decode_ids
+            self.held[rows, layers] += 1  # each (row, layer) once: a row's crossing layers differ
+            self.held_total[decode_rows] += counts
+            if not self.host_only:
+                self.writes.append((layers, rows, columns, decode_ids))
 
     def _assign(self, row: int, layout: RequestKVLayout, block_ids: list[int], tokens: int) -> None:
-        """Blocks lent at once to top every layer of `row` up to `tokens` tokens."""
+        """Blocks lent at once to top every layer of `row` up to `tokens` tokens, layer after
+        layer, each its new blocks in order."""
         num_new = len(block_ids)
         held = self.held[row]
-        crossing = layout.crossing_layers(tokens)
-        if (
-            crossing is not None
-            and len(crossing) == num_new
-            and self.held_total[row] == layout.total_blocks(tokens - 1)
-        ):
-            # Decoding: one block each for the layers that cross a block boundary.
-            layers, columns = crossing, held[crossing]
-        else:
-            # Layer after layer, each its new blocks in order.
-            layers = layout.layer_of_new_blocks(held, tokens, num_new)
-            new = np.bincount(layers, minlength=self.num_layers)
-            first_of_layer = np.cumsum(new) - new
-            columns = held[layers] + np.arange(num_new) - first_of_layer[layers]
+        layers = layout.layer_of_new_blocks(held, tokens, num_new)
+        new = np.bincount(layers, minlength=self.num_layers)
+        first_of_layer = np.cumsum(new) - new
+        columns = held[layers] + np.arange(num_new) - first_of_layer[layers]
         self.tables.np[layers, row, columns] = block_ids
-        np.add.at(held, layers, 1)  # a layer may appear several times
+        held += new
         self.held_total[row] += num_new
         if not self.host_only:
-            self.writes.append((layers, row, columns, block_ids))
+            self.writes.append((layers, np.full(num_new, row), columns, block_ids))
 
     def pass_written(self, num_reqs: int, end: np.ndarray) -> None:
         """Rows whose step ends (`end`: [class, request] compacted counts) at or past the slots
