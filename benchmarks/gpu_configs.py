@@ -27,7 +27,8 @@ Sections (every engine is a fresh process: `benchmarks.bench`, `benchmarks.exact
   quality base), p-MoD with `--kv-cache-dtype fp8`, p-MoD with `--quantization fp8` (also an image
   chat through vLLM's chat path), vLLM's LLaVA-NeXT bf16 (the KV base).
 - tiny_quality: the trained tiny checkpoint (real weights: quality differences mean something),
-  bf16 against fp8 KV and fp8 weights.
+  bf16 against fp8 KV, fp8 weights (W8A8) and weight-only fp8 weights (W8A16, Marlin);
+  tiny_dense_quality: the same weight runs on the dense control.
 
 Quality policy (stated before measuring; `compare_quality`). Each prompt's greedy tokens are
 compared with the base run's position by position up to the first difference, where both runs
@@ -125,14 +126,15 @@ def _run(cmd: list[str], log: Path, timeout_s: float, env: dict | None = None) -
 
 
 def bench(out: Path, name: str, engine: str, model_dir: Path, tokenizer: Path, phases: str, *flags: str,
-          timeout_s: float = 400) -> dict:
-    """benchmarks.bench for one engine configuration; returns its JSON (with `returncode`)."""
+          timeout_s: float = 400, env: dict | None = None) -> dict:
+    """benchmarks.bench for one engine configuration (`env`: extra environment); returns its JSON
+    (with `returncode`)."""
     path = out / f"{name}.json"
     cmd = [sys.executable, "-m", "benchmarks.bench", "--engine", engine, "--model-dir", str(model_dir),
            "--tokenizer-model", str(tokenizer), "--out", str(path), "--phases", phases,
            "--no-torch-profiler", *flags]
     start = time.monotonic()
-    rc = _run(cmd, out / f"{name}.log", timeout_s, env={"NCCL_NVLS_ENABLE": "0"})
+    rc = _run(cmd, out / f"{name}.log", timeout_s, env={"NCCL_NVLS_ENABLE": "0", **(env or {})})
     result = json.loads(path.read_text()) if path.exists() else {}
     result.update({"returncode": rc, "wall_s": time.monotonic() - start, "command": shlex.join(cmd)})
     write_json(path, result)
@@ -224,6 +226,10 @@ def section_fp8(args) -> dict:
     return {"runs": runs, **quality_report(runs, kv_base=runs["dense_bf16"])}
 
 
+# `--quantization fp8` with weight-only FP8 (W8A16: FP8 weights, bf16 activations) through vLLM's
+# Marlin kernels, which vLLM otherwise uses only on GPUs without FP8 compute. The W8A8 default
+# quantizes activations per token too; weight-only separates the two error sources.
+W8A16 = {"VLLM_TEST_FORCE_FP8_MARLIN": "1"}
 TINY_FLAGS = ["--load-format", "auto", "--enforce-eager", "--attention-backend", "TRITON_ATTN",
               "--max-model-len", "2048", "--gpu-memory-utilization", "0.3", "--tiny"]
 
@@ -236,6 +242,8 @@ def section_tiny_quality(args) -> dict:
                         "--kv-cache-dtype", "fp8"),
         "fp8_weights": bench(args.out, "tiny_pmod_fp8_weights", "pmod", TRAINED_TINY, tokenizer, "quality,chat",
                              *TINY_FLAGS, "--quantization", "fp8"),
+        "fp8_weights_w8a16": bench(args.out, "tiny_pmod_fp8_weights_w8a16", "pmod", TRAINED_TINY, tokenizer,
+                                   "quality,chat", *TINY_FLAGS, "--quantization", "fp8", env=W8A16),
     }
     return {"checkpoint": str(TRAINED_TINY.relative_to(REPO)), "runs": runs, **quality_report(runs)}
 
@@ -247,6 +255,8 @@ def section_tiny_dense_quality(args) -> dict:
         "bf16": bench(args.out, "tiny_dense_bf16", "pmod", TRAINED_TINY_DENSE, tokenizer, "quality", *TINY_FLAGS),
         "fp8_weights": bench(args.out, "tiny_dense_fp8_weights", "pmod", TRAINED_TINY_DENSE, tokenizer, "quality",
                              *TINY_FLAGS, "--quantization", "fp8"),
+        "fp8_weights_w8a16": bench(args.out, "tiny_dense_fp8_weights_w8a16", "pmod", TRAINED_TINY_DENSE, tokenizer,
+                                   "quality", *TINY_FLAGS, "--quantization", "fp8", env=W8A16),
     }
     return {"checkpoint": str(TRAINED_TINY_DENSE.relative_to(REPO)), "runs": runs, **quality_report(runs)}
 
@@ -254,7 +264,7 @@ def section_tiny_dense_quality(args) -> dict:
 def quality_report(runs: dict, kv_base: dict | None = None) -> dict:
     base = runs["bf16"].get("quality")
     report = {}
-    for name in ("fp8_kv", "fp8_weights"):
+    for name in ("fp8_kv", "fp8_weights", "fp8_weights_w8a16"):
         if name not in runs:
             continue
         other = runs[name].get("quality")
@@ -302,6 +312,13 @@ def merge(dirs: list[Path]) -> dict:
     # The dense control says whether a p-MoD policy miss is FP8's alone (it does not decide the pass).
     fp8_weights["quality_trained_tiny_dense_control"] = (
         (sections.get("tiny_dense_quality", {}).get("fp8_weights") or {}).get("quality"))
+    w8a16 = (tiny_quality.get("fp8_weights_w8a16") or {}).get("quality")
+    fp8_weights["weight_only_w8a16"] = {
+        "env": W8A16, "quality_trained_tiny": w8a16,
+        "quality_trained_tiny_dense_control": (
+            (sections.get("tiny_dense_quality", {}).get("fp8_weights_w8a16") or {}).get("quality")),
+        "quality_policy_pass_trained_tiny": None if w8a16 is None else w8a16["passed"],
+    }
     chat = (fp8.get("chat") or {}).get("fp8_weights")
     return {
         "gpu": gpu,
