@@ -102,14 +102,14 @@ def main(argv=None) -> None:
     if args.prefix_caching:
         args.result.write_text(json.dumps(run_worker(args)))
         return
+    from benchmarks.host_overhead import _git_commit
     from model_registry.tiny import build_tiny_checkpoint
 
     checkpoint = args.checkpoint or build_tiny_checkpoint(args.work / "tiny-next", variant="next", seed=0)
     report = {"benchmark": "scheduler_cost",
               "command": "python -m benchmarks.scheduler_cost " + " ".join(sys.argv[1:] if argv is None else argv),
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                           text=True).stdout.strip() or None,
+              "git_commit": _git_commit(),
               "settings": {"requests": args.requests, "tokens": args.tokens, "rounds": args.rounds,
                            "block_size": args.block_size, "image": "672x672", "cpus": os.cpu_count()},
               "runs": {}}

@@ -46,6 +46,8 @@ def test_layout_counts_match_the_spec(ranges):
     for n in points:
         assert layout.layer_blocks(n).tolist() == expected_layer_blocks(targets, n), n
         assert layout.total_blocks(n) == sum(expected_layer_blocks(targets, n)), n
+    for n in reversed(points):  # one token back at a time past the span: the shortcut backwards
+        assert layout.total_blocks(n) == sum(expected_layer_blocks(targets, n)), n
     if targets.ranges:
         with pytest.raises(ValueError, match="inside the visual span"):
             layout.layer_slots((start + end) // 2)

@@ -36,6 +36,12 @@ def token_hashes(num_tokens: int, seed: str = "a") -> list[bytes]:
     return hashes
 
 
+def key(keys: LayerBlockKeys, layer: int, index: int) -> bytes | None:
+    """The name of `layer`'s block `index`, or None while it has none."""
+    names = keys.layer_names(layer, index, index + 1)
+    return names[0] if names else None
+
+
 def layout_of(ranges, images=None) -> RequestKVLayout:
     return RequestKVLayout(RequestTargets(tuple(ranges), tuple(images or ranges)), RATIOS, BLOCK)
 
@@ -49,9 +55,9 @@ class Cache:
         self.blocks = {}
         for layer in range(layout.num_layers):
             for index in range(int(full[layer])):
-                key = keys.key(layer, index)
-                if key is not None:
-                    self.blocks[key] = (layer, index)
+                name = key(keys, layer, index)
+                if name is not None:
+                    self.blocks[name] = (layer, index)
 
     def hit(self, layout: RequestKVLayout, hashes: list[bytes], max_tokens: int):
         return find_prefix_hit(layout, LayerBlockKeys(layout, hashes), max_tokens, self.blocks.get)
@@ -107,14 +113,14 @@ def test_names_depend_on_layer_and_routing():
     two_images = LayerBlockKeys(layout_of([(40, 600), (700, 1000)]), hashes)
     text = LayerBlockKeys(layout_of([]), hashes)
     # Before the span: dense KV, shared with a text-only request, different per layer.
-    assert one_image.key(20, 0) == text.key(20, 0) == two_images.key(20, 0)
-    assert one_image.key(20, 0) != one_image.key(21, 0)
+    assert key(one_image, 20, 0) == key(text, 20, 0) == key(two_images, 20, 0)
+    assert key(one_image, 20, 0) != key(one_image, 21, 0)
     # From the span on: the target ranges decide what a layer holds.
-    assert one_image.key(20, 5) != two_images.key(20, 5)
-    assert one_image.key(20, 5) != one_image.key(21, 5)
+    assert key(one_image, 20, 5) != key(two_images, 20, 5)
+    assert key(one_image, 20, 5) != key(one_image, 21, 5)
     # A routed block is named by the whole span (its dependency position is the span's end).
-    assert LayerBlockKeys(layout_of([(40, 1000)]), hashes[:31]).key(20, 1) is None
-    assert one_image.key(20, 1) is not None
+    assert key(LayerBlockKeys(layout_of([(40, 1000)]), hashes[:31]), 20, 1) is None
+    assert key(one_image, 20, 1) is not None
 
 
 def dependency(layout: RequestKVLayout, layer: int, slot: int) -> int:
@@ -138,7 +144,7 @@ def test_block_names_follow_the_dependency_rule(ranges, num_hashes):
             named = [i for i, block in zip(range(start, stop), originals) if block < num_hashes]
             assert indexes == named == list(range(start, start + len(named)))
             assert covered == [(block + 1) * BLOCK for block in originals[: len(named)]]
-            assert names == [keys.key(layer, i) for i in named] == keys.layer_names(layer, start, stop)
+            assert names == [key(keys, layer, i) for i in named] == keys.layer_names(layer, start, stop)
     # All layers in one call: the same names, layer after layer.
     layers = np.array([3, 9, 30])
     starts, stops = np.array([0, 4, 30]), np.array([38, 20, 38])

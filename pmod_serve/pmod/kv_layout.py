@@ -93,9 +93,12 @@ class RequestKVLayout:
         last_tokens, last_total = self._total_at
         if num_tokens == last_tokens:
             return last_total
-        if num_tokens == last_tokens + 1 and last_tokens > 0 and (last_tokens >= self.span_end or not self.skips):
+        if num_tokens == last_tokens + 1 and self._one_token_step(last_tokens):
             # One more token (decoding): only the layers whose count starts a block grow.
             total = last_total + self._crossing_count[last_tokens % self.block_size]
+        elif num_tokens == last_tokens - 1 and self._one_token_step(num_tokens):
+            # One token less (what a decoding step held before): the same step backwards.
+            total = last_total - self._crossing_count[num_tokens % self.block_size]
         else:
             total = int(self.layer_blocks(num_tokens).sum())
         self._total_at = (num_tokens, total)
@@ -139,9 +142,6 @@ class RequestKVLayout:
             new = self.split_new_blocks(held, num_new)
         return new
 
-    def layer_of_new_blocks(self, held: np.ndarray, num_tokens: int, num_new: int) -> np.ndarray:
-        """The layer of each of those `num_new` blocks (`new_blocks_per_layer`)."""
-        return np.repeat(np.arange(self.num_layers), self.new_blocks_per_layer(held, num_tokens, num_new))
 
     def max_tokens_within(self, layer: int, num_slots: int) -> int:
         """The largest token count a request may resume from (`RequestTargets.resumable`) at which
@@ -155,13 +155,22 @@ class RequestKVLayout:
             num_tokens = num_slots
         return self.targets.resumable(num_tokens)
 
-    def crossing_layers(self, num_tokens: int) -> np.ndarray | None:
-        """Layers that get a block when the request grows from `num_tokens` - 1 to `num_tokens`
-        tokens while decoding, or None where that shortcut does not apply."""
-        previous = num_tokens - 1
-        if previous <= 0 or (self.skips and previous < self.span_end):
+    def _one_token_step(self, num_tokens: int) -> bool:
+        """Whether growing from `num_tokens` to `num_tokens + 1` tokens adds a block to exactly
+        the layers of `_crossing[num_tokens % block_size]` (past the span, or no span)."""
+        return num_tokens > 0 and (num_tokens >= self.span_end or not self.skips)
+
+    def decode_layers(self, held_blocks: int, num_tokens: int, num_new: int) -> np.ndarray | None:
+        """The layers of `num_new` blocks lent to a request holding `held_blocks` blocks so that
+        it grows to `num_tokens` tokens, when that is one more token than the blocks held serve
+        (decoding): one block for each layer whose count crosses a block boundary. None for any
+        other allocation (`new_blocks_per_layer` then)."""
+        if not self._one_token_step(num_tokens - 1):
             return None
-        return self._crossing[previous % self.block_size]
+        crossing = self._crossing[(num_tokens - 1) % self.block_size]
+        if len(crossing) != num_new or held_blocks != self.total_blocks(num_tokens - 1):
+            return None
+        return crossing
 
 
 def _valid_count(layout: RequestKVLayout, num_tokens: int) -> bool:

@@ -72,7 +72,6 @@ class RequestLayerBlocks:
     layers: list[list[KVCacheBlock]]
     cached: np.ndarray  # [layer] blocks named in the prefix cache
     cached_up_to: int = 0  # token count the names were last brought up to
-    allocated_for: int = 0  # token count of the last allocation: every layer is topped up to it
     keys: LayerBlockKeys | None = field(default=None, repr=False)
 
     @classmethod
@@ -82,19 +81,19 @@ class RequestLayerBlocks:
     def add(self, layout: RequestKVLayout, blocks: Sequence[KVCacheBlock], num_tokens: int) -> None:
         """File a list of blocks lent at once (to reach `num_tokens` tokens) under their layers,
         as the model runner's block table does (`PmodBlockTable._assign`)."""
-        crossing = layout.crossing_layers(num_tokens)
-        if self.allocated_for == num_tokens - 1 and crossing is not None and len(crossing) == len(blocks):
+        held = [len(layer_blocks) for layer_blocks in self.layers]
+        decode = layout.decode_layers(sum(held), num_tokens, len(blocks))
+        if decode is not None:
             # Decoding: one block for each layer that crosses a block boundary (most steps of a
             # request lend one or two, the layers' counts being offset by their skipped tokens).
-            for layer, block in zip(crossing.tolist(), blocks):
+            for layer, block in zip(decode.tolist(), blocks):
                 self.layers[layer].append(block)
-        else:
-            held = np.array([len(layer_blocks) for layer_blocks in self.layers], dtype=np.int64)
-            end = 0
-            for layer_blocks, count in zip(self.layers, layout.new_blocks_per_layer(held, num_tokens, len(blocks)).tolist()):
-                layer_blocks.extend(blocks[end : end + count])
-                end += count
-        self.allocated_for = num_tokens
+            return
+        new = layout.new_blocks_per_layer(np.array(held, dtype=np.int64), num_tokens, len(blocks))
+        end = 0
+        for layer_blocks, count in zip(self.layers, new.tolist()):
+            layer_blocks.extend(blocks[end : end + count])
+            end += count
 
 
 class PmodAttentionManager(FullAttentionManager):
@@ -170,15 +169,12 @@ class PmodAttentionManager(FullAttentionManager):
             virtual,
             virtual if num_tokens_main_model == num_tokens else self._virtual_tokens(request_id, num_tokens_main_model),
         )
-        if self.enable_caching:
+        if self.enable_caching and new_blocks:
+            layout = self.layouts[request_id]
             state = self.layer_blocks_of.get(request_id)
-            if new_blocks:
-                layout = self.layouts[request_id]
-                if state is None:
-                    state = self.layer_blocks_of[request_id] = RequestLayerBlocks.empty(layout.num_layers)
-                state.add(layout, new_blocks, num_tokens)
-            elif state is not None:
-                state.allocated_for = num_tokens  # the layers already hold what it needs
+            if state is None:
+                state = self.layer_blocks_of[request_id] = RequestLayerBlocks.empty(layout.num_layers)
+            state.add(layout, new_blocks, num_tokens)
         return new_blocks
 
     # --- prefix caching ----------------------------------------------------------------------

@@ -54,14 +54,9 @@ class LayerBlockKeys:
         self._dense_tags = [b"pmod-dense" + tag for tag in layer_tags]
         self._routed_tags = [b"pmod-routed" + routing_tag + tag for tag in layer_tags]
 
-    def key(self, layer: int, index: int) -> bytes | None:
-        """The name of `layer`'s block `index`, or None while the tokens it depends on do not
-        fill an original block yet (its token hash does not exist)."""
-        names = self.layer_names(layer, index, index + 1)
-        return names[0] if names else None
-
     def layer_names(self, layer: int, start: int, stop: int) -> list[bytes]:
-        """Names of `layer`'s blocks `start` .. `stop - 1`, up to the first one without a name."""
+        """Names of `layer`'s blocks `start` .. `stop - 1`, up to the first one without a name
+        (the tokens it depends on do not fill an original block yet: no token hash)."""
         return self.names(np.array([layer]), np.array([start]), np.array([stop]))[2]
 
     def names(

@@ -243,14 +243,10 @@ class PmodBlockTable(BlockTable):
             if not block_ids:
                 continue
             tokens = int(num_tokens[row])
-            crossing = layout.crossing_layers(tokens)
-            if (
-                crossing is not None
-                and len(crossing) == len(block_ids)
-                and self.held_total[row] == layout.total_blocks(tokens - 1)
-            ):
+            layers = layout.decode_layers(int(self.held_total[row]), tokens, len(block_ids))
+            if layers is not None:
                 decode_rows.append(row)
-                decode_layers.append(crossing)
+                decode_layers.append(layers)
                 decode_ids.extend(block_ids)
             else:
                 self._assign(row, layout, block_ids, tokens)
@@ -271,8 +267,8 @@ class PmodBlockTable(BlockTable):
         layer, each its new blocks in order."""
         num_new = len(block_ids)
         held = self.held[row]
-        layers = layout.layer_of_new_blocks(held, tokens, num_new)
-        new = np.bincount(layers, minlength=self.num_layers)
+        new = layout.new_blocks_per_layer(held, tokens, num_new)
+        layers = np.repeat(np.arange(self.num_layers), new)
         first_of_layer = np.cumsum(new) - new
         columns = held[layers] + np.arange(num_new) - first_of_layer[layers]
         self.tables.np[layers, row, columns] = block_ids
