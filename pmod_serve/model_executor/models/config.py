@@ -54,8 +54,9 @@ class PmodEngineConfig(VerifyAndUpdateConfig):
         if model_config.quantization == "fp8":
             logger.warning(
                 "p-MoD with --quantization fp8: each p-MoD layer's top-k routing can flip on FP8 "
-                "weight error and amplify it (a trained checkpoint's first-token log-probabilities "
-                "moved by up to 1.49 nats, its dense twin's by 0.62; benchmarks/results/"
+                "error and amplify it (a trained checkpoint's first-token log-probabilities moved by "
+                "up to 1.49 nats with FP8 weights and activations, its dense twin's by 0.62; weight-only "
+                "FP8, VLLM_TEST_FORCE_FP8_MARLIN=1, stayed within 0.51; benchmarks/results/"
                 "gpu_configs.json). --kv-cache-dtype fp8 alone stayed within 0.52 nats"
             )
         if parallel_config.pipeline_parallel_size > 1:
