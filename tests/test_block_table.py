@@ -48,6 +48,16 @@ def test_layout_counts_match_the_spec(ranges):
         assert layout.total_blocks(n) == sum(expected_layer_blocks(targets, n)), n
     for n in reversed(points):  # one token back at a time past the span: the shortcut backwards
         assert layout.total_blocks(n) == sum(expected_layer_blocks(targets, n)), n
+    # The scheduler's decode step: the new count, then (filing the new blocks) the count before
+    # it; every query after the first takes a shortcut, never the per-layer sum.
+    first = max(end, 1) + 100
+    layout.total_blocks(first)
+    full_sums = []
+    layout.layer_blocks = lambda n: full_sums.append(n) or RequestKVLayout.layer_blocks(layout, n)
+    for n in range(first + 1, first + 60):
+        assert layout.total_blocks(n) == sum(expected_layer_blocks(targets, n)), n
+        assert layout.total_blocks(n - 1) == sum(expected_layer_blocks(targets, n - 1)), n
+    assert full_sums == []
     if targets.ranges:
         with pytest.raises(ValueError, match="inside the visual span"):
             layout.layer_slots((start + end) // 2)

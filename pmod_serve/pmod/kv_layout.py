@@ -97,8 +97,9 @@ class RequestKVLayout:
             # One more token (decoding): only the layers whose count starts a block grow.
             total = last_total + self._crossing_count[last_tokens % self.block_size]
         elif num_tokens == last_tokens - 1 and self._one_token_step(num_tokens):
-            # One token less (what a decoding step held before): the same step backwards.
-            total = last_total - self._crossing_count[num_tokens % self.block_size]
+            # One token less (what a decoding step held before): the same step backwards, not
+            # remembered, so that the next step's query is again one token forward.
+            return last_total - self._crossing_count[num_tokens % self.block_size]
         else:
             total = int(self.layer_blocks(num_tokens).sum())
         self._total_at = (num_tokens, total)

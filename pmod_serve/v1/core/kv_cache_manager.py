@@ -71,6 +71,7 @@ class RequestLayerBlocks:
 
     layers: list[list[KVCacheBlock]]
     cached: np.ndarray  # [layer] blocks named in the prefix cache
+    num_blocks: int = 0  # all layers' blocks together
     cached_up_to: int = 0  # token count the names were last brought up to
     keys: LayerBlockKeys | None = field(default=None, repr=False)
 
@@ -81,15 +82,16 @@ class RequestLayerBlocks:
     def add(self, layout: RequestKVLayout, blocks: Sequence[KVCacheBlock], num_tokens: int) -> None:
         """File a list of blocks lent at once (to reach `num_tokens` tokens) under their layers,
         as the model runner's block table does (`PmodBlockTable._assign`)."""
-        held = [len(layer_blocks) for layer_blocks in self.layers]
-        decode = layout.decode_layers(sum(held), num_tokens, len(blocks))
+        decode = layout.decode_layers(self.num_blocks, num_tokens, len(blocks))
+        self.num_blocks += len(blocks)
         if decode is not None:
             # Decoding: one block for each layer that crosses a block boundary (most steps of a
             # request lend one or two, the layers' counts being offset by their skipped tokens).
             for layer, block in zip(decode.tolist(), blocks):
                 self.layers[layer].append(block)
             return
-        new = layout.new_blocks_per_layer(np.array(held, dtype=np.int64), num_tokens, len(blocks))
+        held = np.array([len(layer_blocks) for layer_blocks in self.layers], dtype=np.int64)
+        new = layout.new_blocks_per_layer(held, num_tokens, len(blocks))
         end = 0
         for layer_blocks, count in zip(self.layers, new.tolist()):
             layer_blocks.extend(blocks[end : end + count])
