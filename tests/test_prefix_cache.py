@@ -36,9 +36,14 @@ def token_hashes(num_tokens: int, seed: str = "a") -> list[bytes]:
     return hashes
 
 
+def layer_names(keys: LayerBlockKeys, layer: int, start: int, stop: int) -> list[bytes]:
+    """Names of `layer`'s blocks `start` .. `stop - 1`, up to the first one without a name."""
+    return keys.names(np.array([layer]), np.array([start]), np.array([stop]))[2]
+
+
 def key(keys: LayerBlockKeys, layer: int, index: int) -> bytes | None:
     """The name of `layer`'s block `index`, or None while it has none."""
-    names = keys.layer_names(layer, index, index + 1)
+    names = layer_names(keys, layer, index, index + 1)
     return names[0] if names else None
 
 
@@ -144,12 +149,12 @@ def test_block_names_follow_the_dependency_rule(ranges, num_hashes):
             named = [i for i, block in zip(range(start, stop), originals) if block < num_hashes]
             assert indexes == named == list(range(start, start + len(named)))
             assert covered == [(block + 1) * BLOCK for block in originals[: len(named)]]
-            assert names == [key(keys, layer, i) for i in named] == keys.layer_names(layer, start, stop)
+            assert names == [key(keys, layer, i) for i in named] == layer_names(keys, layer, start, stop)
     # All layers in one call: the same names, layer after layer.
     layers = np.array([3, 9, 30])
     starts, stops = np.array([0, 4, 30]), np.array([38, 20, 38])
     assert keys.names(layers, starts, stops)[2] == [
-        name for layer, start, stop in zip(layers, starts, stops) for name in keys.layer_names(int(layer), start, stop)]
+        name for layer, start, stop in zip(layers, starts, stops) for name in layer_names(keys, int(layer), start, stop)]
     all_names = keys.names(np.arange(layout.num_layers), np.zeros(layout.num_layers, dtype=np.int64),
                            np.full(layout.num_layers, 38))[2]
     assert len(set(all_names)) == len(all_names)

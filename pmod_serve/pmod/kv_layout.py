@@ -143,7 +143,6 @@ class RequestKVLayout:
             new = self.split_new_blocks(held, num_new)
         return new
 
-
     def max_tokens_within(self, layer: int, num_slots: int) -> int:
         """The largest token count a request may resume from (`RequestTargets.resumable`) at which
         `layer` holds at most `num_slots` KV slots."""

@@ -54,11 +54,6 @@ class LayerBlockKeys:
         self._dense_tags = [b"pmod-dense" + tag for tag in layer_tags]
         self._routed_tags = [b"pmod-routed" + routing_tag + tag for tag in layer_tags]
 
-    def layer_names(self, layer: int, start: int, stop: int) -> list[bytes]:
-        """Names of `layer`'s blocks `start` .. `stop - 1`, up to the first one without a name
-        (the tokens it depends on do not fill an original block yet: no token hash)."""
-        return self.names(np.array([layer]), np.array([start]), np.array([stop]))[2]
-
     def names(
         self, layers: np.ndarray, starts: np.ndarray, stops: np.ndarray
     ) -> tuple[list[int], list[int], list[bytes], list[int]]:
