@@ -83,6 +83,20 @@ KEPT_KEYS = (
     "mean_e2el_ms", "median_e2el_ms", "p90_e2el_ms", "p99_e2el_ms",
 )
 
+# vLLM's own request-latency histograms (seconds): their means over a run, from the deltas of
+# `_sum` and `_count`, split a client's TTFT into where it went. vLLM stamps a request's arrival
+# when the API server starts rendering it (chat template, tokenizer, image preprocessing), so
+# client TTFT - server TTFT = HTTP and streaming; server TTFT - queue - prefill = rendering and
+# the hand-offs between the API server and the engine core; prefill = scheduled -> first token.
+SERVER_LATENCIES = {
+    "ttft": "vllm:time_to_first_token_seconds",
+    "queue": "vllm:request_queue_time_seconds",
+    "prefill": "vllm:request_prefill_time_seconds",
+    "decode": "vllm:request_decode_time_seconds",
+    "inter_token": "vllm:inter_token_latency_seconds",
+    "e2e": "vllm:e2e_request_latency_seconds",
+}
+
 _live: list[subprocess.Popen] = []  # process groups to end at exit
 
 
@@ -181,6 +195,16 @@ def series_per_engine(text: str, names: tuple[str, ...]) -> dict[str, dict[str, 
         engine = out.setdefault(labels.get("engine", ""), {})
         engine[match.group(1)] = engine.get(match.group(1), 0.0) + float(match.group(3))
     return out
+
+
+def server_latency_means_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean of each of vLLM's request-latency histograms over the requests between two scrapes (ms)."""
+    means = {}
+    for name, metric in SERVER_LATENCIES.items():
+        count = after.get(f"{metric}_count", 0.0) - before.get(f"{metric}_count", 0.0)
+        if count > 0:
+            means[name] = 1000.0 * (after.get(f"{metric}_sum", 0.0) - before.get(f"{metric}_sum", 0.0)) / count
+    return means
 
 
 def cache_config_of(text: str) -> dict[str, str]:
@@ -427,6 +451,7 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
         for key in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total"):
             if key in after:
                 entry[key.split(":", 1)[1] + "_delta"] = after[key] - before.get(key, 0.0)
+        entry["server_mean_latency_ms"] = server_latency_means_ms(before, after)
     except Exception:
         pass
     result_file = args.out / f"{engine}_{run}.json"
@@ -446,7 +471,8 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
     else:
         _log(f"{engine}: {run}: ttft {entry.get('median_ttft_ms')} ms, tpot {entry.get('median_tpot_ms')} ms, "
              f"e2el {entry.get('median_e2el_ms')} ms, {entry.get('request_throughput')} req/s, "
-             f"peak KV {entry['peak_kv_cache_usage']}")
+             f"peak KV {entry['peak_kv_cache_usage']}; server means (ms): "
+             + ", ".join(f"{k} {v:.1f}" for k, v in entry.get("server_mean_latency_ms", {}).items()))
     return entry
 
 
@@ -611,8 +637,18 @@ def merge(paths: list[Path], out: Path) -> dict:
             merged.setdefault("warnings", []).append(f"different GPUs: {report.get('gpu')} vs {merged['gpu']}")
         merged["commands"] += report.get("commands") or [report["command"]]
         for engine in ("pmod", "baseline"):
-            if report.get(engine, {}).get("runs") or report.get(engine, {}).get("error"):
-                merged[engine] = report[engine]
+            part = report.get(engine, {})
+            if not (part.get("runs") or part.get("error")):
+                continue
+            if not merged[engine].get("runs"):
+                merged[engine] = part
+                continue
+            # The same engine again (a later server of the same session, e.g. for the runs a
+            # deadline cut): its completed runs replace the earlier ones.
+            for run, entry in part.get("runs", {}).items():
+                if "error" not in entry and "skipped" not in entry:
+                    merged[engine]["runs"][run] = entry
+                    merged[engine].setdefault("runs_from_later_server", {})[run] = part.get("server_command")
     merged["command"] = " ; ".join(merged["commands"])
     merged["ratios"] = ratios(merged["pmod"], merged["baseline"])
     out.parent.mkdir(parents=True, exist_ok=True)

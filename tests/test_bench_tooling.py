@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import e2e_serve
 from benchmarks.models import write_dense_twin
 
@@ -124,6 +126,24 @@ def test_kv_metrics_agreement_per_engine() -> None:
     one_label = {"0": sample["0"]}
     assert kv_metrics_agree(kv_metrics_agreement([one_label], 1001), num_engines=1)
     assert not kv_metrics_agree(kv_metrics_agreement([one_label], 1001), num_engines=2)
+
+
+def test_server_latency_means_from_vllms_histograms() -> None:
+    # Two scrapes of vLLM's /metrics around a run: each histogram's mean over the run's requests.
+    def scrape(ttft_sum, ttft_count, prefill_sum, prefill_count):
+        return e2e_serve.summed_samples("\n".join([
+            '# TYPE vllm:time_to_first_token_seconds histogram',
+            f'vllm:time_to_first_token_seconds_bucket{{engine="0",le="0.1",model_name="m"}} {ttft_count}',
+            f'vllm:time_to_first_token_seconds_sum{{engine="0",model_name="m"}} {ttft_sum}',
+            f'vllm:time_to_first_token_seconds_count{{engine="0",model_name="m"}} {ttft_count}',
+            f'vllm:request_prefill_time_seconds_sum{{engine="0",model_name="m"}} {prefill_sum}',
+            f'vllm:request_prefill_time_seconds_count{{engine="0",model_name="m"}} {prefill_count}',
+        ]))
+
+    before, after = scrape(1.0, 10.0, 0.5, 10.0), scrape(1.6, 14.0, 0.7, 14.0)
+    means = e2e_serve.server_latency_means_ms(before, after)
+    assert means == pytest.approx({"ttft": 150.0, "prefill": 50.0})  # (1.6 - 1.0) s / 4, (0.7 - 0.5) s / 4
+    assert e2e_serve.server_latency_means_ms(after, after) == {}
 
 
 def test_quality_policy_allows_only_near_tie_flips() -> None:

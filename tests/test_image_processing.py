@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pmod_serve.multimodal.image_processing import letterbox, preprocess
+from pmod_serve.multimodal.image_processing import PixelNormalization, crop_pixels, letterbox, preprocess
 from pmod_serve.pmod.image_layout import (
     ImageLayout,
     best_resolution,
@@ -182,6 +182,25 @@ def test_square_layout_matches_hf_clip_processor(size) -> None:
     assert pixels.shape == (1, 3, 336, 336) and pixels.dtype == torch.float32
     torch.testing.assert_close(pixels[0], hf_clip(image), rtol=0, atol=0)
     torch.testing.assert_close(pixels[0], spec_clip(image), rtol=0, atol=0)
+
+
+def test_8bit_crops_normalised_by_lookup_equal_the_processor(next_layout: ImageLayout, pad_layout: ImageLayout) -> None:
+    # What the engine gets (8-bit crops, normalised on its device by table lookup) is bit for bit
+    # what transformers' processor computes, for every 8-bit value in every channel.
+    every_value = np.arange(336 * 336 * 3, dtype=np.int64).reshape(336, 336, 3) % 256
+    image = Image.fromarray(np.ascontiguousarray(np.roll(every_value, 1, axis=2)).astype(np.uint8))
+    square = ImageLayout.from_config({"image_aspect_ratio": "square"}, CLIP_PREPROCESSOR)
+    normalise = PixelNormalization(square)
+    pixels = crop_pixels(image, square)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (1, 3, 336, 336)
+    assert len(torch.unique(pixels[0, 0])) == 256
+    torch.testing.assert_close(normalise(pixels)[0], hf_clip(image), rtol=0, atol=0)
+    for layout, size in ((next_layout, (672, 672)), (next_layout, (500, 375)), (pad_layout, (300, 200)), (square, (37, 900))):
+        noisy = noise_image(*size, seed=size[0])
+        torch.testing.assert_close(PixelNormalization(layout)(crop_pixels(noisy, layout)), preprocess(noisy, layout),
+                                   rtol=0, atol=0)
+    with pytest.raises(TypeError, match="8-bit"):
+        normalise(pixels.float())
 
 
 def test_clip_preprocess_drops_alpha_like_the_released_code() -> None:

@@ -6,6 +6,13 @@ PIL and NumPy, no torchvision), configured from the checkpoint's `preprocessor_c
 transformers has no processor for, the LLaVA layouts, is here: the pad layout's expansion to a
 square and the anyres base crop plus letterboxed tiles. Shared by the vLLM multimodal processor
 and the plain-PyTorch reference; no vLLM import.
+
+The processing is split in two. `crop_pixels` does the geometry (resizes, crops) and keeps the
+8-bit pixels; `PixelNormalization` then rescales and normalises them. A pixel's normalised value
+depends only on its 8-bit value and its channel, so normalisation is a lookup in a 3 x 256 table
+computed with transformers' own arithmetic (rescale in float64, then normalise in float32): bit
+for bit the processor's output. The vLLM model ships the 8-bit crops from the API server to the
+engine (a quarter of the bytes) and looks them up on the GPU; `preprocess` does both on the CPU.
 """
 
 from __future__ import annotations
@@ -25,26 +32,56 @@ RESAMPLE = Image.Resampling.BICUBIC
 
 
 @functools.lru_cache(maxsize=16)
-def clip_processor(layout: ImageLayout) -> CLIPImageProcessorPil:
-    """transformers' CLIP processor with the layout's preprocessor settings."""
+def clip_geometry(layout: ImageLayout) -> CLIPImageProcessorPil:
+    """transformers' CLIP processor with the layout's resize and crop, without rescaling or
+    normalising (8-bit pixels out)."""
     return CLIPImageProcessorPil(
         size={"shortest_edge": layout.shortest_edge},
         crop_size={"height": layout.crop_size, "width": layout.crop_size},
-        image_mean=list(layout.image_mean),
-        image_std=list(layout.image_std),
-        rescale_factor=layout.rescale_factor,
         resample=RESAMPLE,
+        do_rescale=False,
+        do_normalize=False,
     )
 
 
-def clip_preprocess(image: Image.Image, layout: ImageLayout) -> torch.Tensor:
-    """One crop ``[3, crop, crop]`` float32: bicubic resize of the shortest edge, centre crop,
-    rescale, normalise (transformers' CLIP processor)."""
+def clip_crop(image: Image.Image, layout: ImageLayout) -> np.ndarray:
+    """One crop ``[3, crop, crop]`` uint8: bicubic resize of the shortest edge, centre crop
+    (transformers' CLIP processor)."""
     # Converted here, as the released code does (`.convert("RGB")`): transformers' own conversion
     # would composite an alpha channel onto white instead of dropping it.
     image = image.convert("RGB") if image.mode != "RGB" else image
-    pixels = clip_processor(layout)(image, return_tensors=None)["pixel_values"][0]
-    return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+    if image.size == (layout.crop_size, layout.crop_size) == (layout.shortest_edge,) * 2:
+        # Already a crop (anyres tiles and base image): the processor's resize and crop are
+        # identities there (PIL returns a copy), so skip its round trips.
+        return np.asarray(image).transpose(2, 0, 1)
+    return clip_geometry(layout)(image, return_tensors=None)["pixel_values"][0]
+
+
+def normalization_table(layout: ImageLayout) -> np.ndarray:
+    """``[3, 256]`` float32: the normalised value of each 8-bit value in each channel, computed
+    as transformers' processor computes every pixel (`rescale`: float64 product, cast to float32;
+    `normalize`: float32 difference and quotient)."""
+    rescaled = (np.arange(256, dtype=np.float64) * layout.rescale_factor).astype(np.float32)
+    mean = np.asarray(layout.image_mean, dtype=np.float32)
+    std = np.asarray(layout.image_std, dtype=np.float32)
+    return (rescaled[None, :] - mean[:, None]) / std[:, None]
+
+
+class PixelNormalization(torch.nn.Module):
+    """8-bit crops ``[..., 3, h, w]`` -> the CLIP processor's float32 values, by table lookup
+    (on whatever device the crops and this module are)."""
+
+    def __init__(self, layout: ImageLayout) -> None:
+        super().__init__()
+        # Not a weight: left out of state dicts (checkpoints, dummy initialisation).
+        self.register_buffer("table", torch.tensor(normalization_table(layout), dtype=torch.float32),
+                             persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"expected 8-bit pixels, got {pixels.dtype}")
+        channel = torch.arange(3, device=pixels.device).view(3, 1, 1)
+        return self.table[channel, pixels.long()]
 
 
 def expand_to_square(image: Image.Image, color: tuple[int, int, int]) -> Image.Image:
@@ -86,8 +123,8 @@ def anyres_crops(image: Image.Image, layout: ImageLayout) -> list[Image.Image]:
     return [base, *tiles]
 
 
-def preprocess(image: Image.Image, layout: ImageLayout) -> torch.Tensor:
-    """``[num_crops, 3, 336, 336]`` float32 CLIP input of one image."""
+def crop_pixels(image: Image.Image, layout: ImageLayout) -> torch.Tensor:
+    """``[num_crops, 3, 336, 336]`` uint8 CLIP crops of one image (not yet normalised)."""
     image = image.convert("RGB") if image.mode != "RGB" else image
     if layout.is_anyres:
         crops = anyres_crops(image, layout)
@@ -95,4 +132,10 @@ def preprocess(image: Image.Image, layout: ImageLayout) -> torch.Tensor:
         crops = [expand_to_square(image, layout.pad_color)]
     else:
         crops = [image]
-    return torch.stack([clip_preprocess(crop, layout) for crop in crops])
+    return torch.from_numpy(np.stack([clip_crop(crop, layout) for crop in crops]))
+
+
+def preprocess(image: Image.Image, layout: ImageLayout) -> torch.Tensor:
+    """``[num_crops, 3, 336, 336]`` float32 CLIP input of one image (on the CPU)."""
+    pixels = crop_pixels(image, layout).numpy()
+    return torch.from_numpy(normalization_table(layout)[np.arange(3)[:, None, None], pixels])

@@ -58,7 +58,7 @@ from vllm.sequence import IntermediateTensors
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from pmod_serve import envs
-from pmod_serve.multimodal.image_processing import preprocess
+from pmod_serve.multimodal.image_processing import PixelNormalization, crop_pixels
 from pmod_serve.pmod.image_layout import ImageLayout, merge_image_features, num_visual_tokens
 from pmod_serve.pmod.routing import PmodRouting, RoutingPlan
 from pmod_serve.pmod.schedule import PmodSchedule, WeightNorm, kept_target_count
@@ -110,8 +110,9 @@ class PmodDummyInputsBuilder(BaseDummyInputsBuilder[PmodProcessingInfo]):
 
 
 class PmodMultiModalProcessor(BaseMultiModalProcessor[PmodProcessingInfo]):
-    """Images are preprocessed by `pmod_serve.multimodal.image_processing` (no HF processor exists for the
-    LLaVA layout); each `<image>` placeholder is then expanded to the image's visual tokens."""
+    """Images are cut into CLIP crops by `pmod_serve.multimodal.image_processing` (no HF processor
+    exists for the LLaVA layout) and travel to the engine as 8-bit pixels, normalised on the
+    model's device; each `<image>` placeholder is then expanded to the image's visual tokens."""
 
     def _call_hf_processor(self, prompt: str, mm_data: Mapping[str, object],
                            mm_kwargs: Mapping[str, object], tok_kwargs: Mapping[str, object]) -> BatchFeature:
@@ -120,7 +121,7 @@ class PmodMultiModalProcessor(BaseMultiModalProcessor[PmodProcessingInfo]):
         images: Sequence[Image.Image] = mm_data.get("images", [])  # type: ignore[assignment]
         if images:
             layout = self.info.image_layout
-            data["pixel_values"] = [preprocess(image, layout) for image in images]
+            data["pixel_values"] = [crop_pixels(image, layout) for image in images]
             data["image_sizes"] = torch.tensor([image.size for image in images], dtype=torch.int64)
         return BatchFeature(data, tensor_type=None)
 
@@ -151,7 +152,8 @@ class PmodImagePixelInputs(TensorSchema):
     """What the processor hands the model per batch of images.
 
     Dimensions: bn = images in the batch, nc = CLIP crops of an image (1, or 1 + tiles for
-    anyres; differs per image, so the crops come as a list), h = w = the CLIP crop side."""
+    anyres; differs per image, so the crops come as a list), h = w = the CLIP crop side.
+    Pixels are 8-bit, not yet normalised (`PixelNormalization`)."""
 
     pixel_values: Annotated[torch.Tensor | list[torch.Tensor], TensorShape("bn", "nc", 3, "h", "w", dynamic_dims={"nc"})]
     # (width, height) of each original image, as PIL gives it.
@@ -510,6 +512,7 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
         # hidden_states[select_layer] of HF CLIP = the output of that many encoder layers.
         num_vision_layers = config.mm_vision_select_layer % (vision_config.num_hidden_layers + 1)
         with self._mark_tower_model(vllm_config, "image"):
+            self.pixel_normalization = PixelNormalization(self.layout)
             self.vision_tower = CLIPVisionModel(
                 vision_config, num_hidden_layers_override=num_vision_layers, require_post_norm=False,
                 prefix=maybe_prefix(prefix, "vision_tower"),
@@ -588,7 +591,7 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
             resolve_bindings={"h": self.layout.crop_size, "w": self.layout.crop_size},
         )
         crops_per_image = [len(crops) for crops in images.pixel_values]
-        crops = torch.cat(list(images.pixel_values)).to(self.vision_tower.dtype)
+        crops = self.pixel_normalization(torch.cat(list(images.pixel_values))).to(self.vision_tower.dtype)
         # Layer -2 of CLIP without its CLS token, then the projector.
         features = self.projector(self.vision_tower(crops)[:, 1:])
         embeddings = []
