@@ -34,6 +34,12 @@ def vicuna_prompt(question: str, num_images: int) -> str:
 CHAT_TEMPLATE = chat_template_path("vicuna_v1")
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """`WIDTHxHEIGHT` -> (width, height): the benchmarks' `--image-size` argument type."""
+    width, _, height = text.lower().partition("x")
+    return int(width), int(height)
+
+
 def make_image(width: int, height: int, seed: int) -> Image.Image:
     """Deterministic structured image (gradients + noise), as tests/conftest.py makes them."""
     rng = np.random.default_rng(seed)

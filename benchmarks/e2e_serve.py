@@ -57,7 +57,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks.common import CHAT_TEMPLATE
+from benchmarks.common import CHAT_TEMPLATE, image_size
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -569,11 +569,6 @@ def print_table(report: dict) -> None:
             print(f"{engine}: {report[engine]['error']}")
 
 
-def _size(text: str) -> tuple[int, int]:
-    width, _, height = text.lower().partition("x")
-    return int(width), int(height)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e_serve", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True,
@@ -599,7 +594,7 @@ def parse_args(argv=None):
                             help=f"default {value} ({QUICK_COUNTS[flag]} with --quick)")
     parser.add_argument("--runs", type=lambda s: tuple(s.split(",")), default=tuple(RUNS),
                         help="comma-separated subset of " + ",".join(RUNS))
-    parser.add_argument("--image-size", type=_size, default=_size("672x672"))
+    parser.add_argument("--image-size", type=image_size, default=image_size("672x672"))
     parser.add_argument("--input-len", type=int, default=60, help="random text tokens per request")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--load-format", default="dummy")

@@ -45,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import image_size
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BATCH_SIZES = (1, 32, 128)
 # 640x32 gives 576 + 2 x 49 = 674 visual tokens (the smallest a LLaVA-NeXT image gets), so 128
@@ -475,11 +477,6 @@ def _git_commit() -> str | None:
         return None
 
 
-def _size(text: str) -> tuple[int, int]:
-    width, _, height = text.lower().partition("x")
-    return int(width), int(height)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="JSON report path")
@@ -491,12 +488,12 @@ def parse_args(argv=None):
     parser.add_argument("--kinds", type=lambda s: tuple(s.split(",")), default=("image", "text"),
                         help="image,text,prefill (prefill: the steps that prefill image requests)")
     parser.add_argument("--prefill-batch-sizes", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 4))
-    parser.add_argument("--prefill-image-size", type=_size, default=_size("672x672"),
+    parser.add_argument("--prefill-image-size", type=image_size, default=image_size("672x672"),
                         help="the standard 2928-visual-token request")
     parser.add_argument("--prefill-rounds", type=int, default=4, help="rounds of fresh prefill requests")
     parser.add_argument("--steps", type=int, default=30, help="timed decode steps per batch size")
     parser.add_argument("--warmup", type=int, default=5, help="steady steps before timing")
-    parser.add_argument("--image-size", type=_size, default=_size(DEFAULT_IMAGE_SIZE))
+    parser.add_argument("--image-size", type=image_size, default=image_size(DEFAULT_IMAGE_SIZE))
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--max-prefill-steps", type=int, default=2000)

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import make_image, vicuna_prompt, write_json
+from benchmarks.common import image_size, make_image, vicuna_prompt, write_json
 from benchmarks.models import prepare
 
 
@@ -58,14 +58,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--engines", default="pmod,baseline")
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--image-size", default="672x672")
+    parser.add_argument("--image-size", type=image_size, default=image_size("672x672"))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmups", type=int, default=3)
     args = parser.parse_args(argv)
-    width, height = (int(v) for v in args.image_size.split("x"))
+    width, height = args.image_size
     dirs = prepare(args.models, tiny=args.tiny)
     report: dict = {"command": shlex.join(["python", "-m", "benchmarks.mm_processing_cost", *(sys.argv[1:] if argv is None else argv)]),
-                    "image_size": args.image_size}
+                    "image_size": "x".join(map(str, args.image_size))}
     for engine in args.engines.split(","):
         try:
             report[engine] = time_processor(dirs[engine], width, height, args.repeats, args.warmups)

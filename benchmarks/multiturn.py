@@ -31,12 +31,11 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import make_image
+from benchmarks.common import image_size, make_image
 from benchmarks.e2e_serve import (
     REPO,
     _free_port,
     _kill_group,
-    _size,
     gpu_name,
     ratio,
     scrape,
@@ -175,7 +174,7 @@ def main(argv=None) -> int:
     parser.add_argument("--engines", type=lambda s: tuple(s.split(",")), default=("pmod", "baseline"))
     parser.add_argument("--conversations", type=int, default=6)
     parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--image-size", type=_size, default=_size("672x672"))
+    parser.add_argument("--image-size", type=image_size, default=image_size("672x672"))
     parser.add_argument("--answer-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=200)
     parser.add_argument("--load-format", default="dummy")

@@ -45,11 +45,8 @@ def clip_geometry(layout: ImageLayout) -> CLIPImageProcessorPil:
 
 
 def clip_crop(image: Image.Image, layout: ImageLayout) -> np.ndarray:
-    """One crop ``[3, crop, crop]`` uint8: bicubic resize of the shortest edge, centre crop
-    (transformers' CLIP processor)."""
-    # Converted here, as the released code does (`.convert("RGB")`): transformers' own conversion
-    # would composite an alpha channel onto white instead of dropping it.
-    image = image.convert("RGB") if image.mode != "RGB" else image
+    """One crop ``[3, crop, crop]`` uint8 of an RGB image: bicubic resize of the shortest edge,
+    centre crop (transformers' CLIP processor)."""
     if image.size == (layout.crop_size, layout.crop_size) == (layout.shortest_edge,) * 2:
         # Already a crop (anyres tiles and base image): the processor's resize and crop are
         # identities there (PIL returns a copy), so skip its round trips.
@@ -67,9 +64,17 @@ def normalization_table(layout: ImageLayout) -> np.ndarray:
     return (rescaled[None, :] - mean[:, None]) / std[:, None]
 
 
+def normalize_pixels(pixels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """8-bit crops ``[..., 3, h, w]`` -> their values in ``table`` (`normalization_table`, on the
+    crops' device)."""
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"expected 8-bit pixels, got {pixels.dtype}")
+    channel = torch.arange(3, device=pixels.device).view(3, 1, 1)
+    return table[channel, pixels.long()]
+
+
 class PixelNormalization(torch.nn.Module):
-    """8-bit crops ``[..., 3, h, w]`` -> the CLIP processor's float32 values, by table lookup
-    (on whatever device the crops and this module are)."""
+    """`normalize_pixels` with the layout's table kept on the model's device."""
 
     def __init__(self, layout: ImageLayout) -> None:
         super().__init__()
@@ -78,10 +83,7 @@ class PixelNormalization(torch.nn.Module):
                              persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if pixels.dtype != torch.uint8:
-            raise TypeError(f"expected 8-bit pixels, got {pixels.dtype}")
-        channel = torch.arange(3, device=pixels.device).view(3, 1, 1)
-        return self.table[channel, pixels.long()]
+        return normalize_pixels(pixels, self.table)
 
 
 def expand_to_square(image: Image.Image, color: tuple[int, int, int]) -> Image.Image:
@@ -125,6 +127,8 @@ def anyres_crops(image: Image.Image, layout: ImageLayout) -> list[Image.Image]:
 
 def crop_pixels(image: Image.Image, layout: ImageLayout) -> torch.Tensor:
     """``[num_crops, 3, 336, 336]`` uint8 CLIP crops of one image (not yet normalised)."""
+    # Converted here, as the released code does (`.convert("RGB")`): transformers' own conversion
+    # would composite an alpha channel onto white instead of dropping it.
     image = image.convert("RGB") if image.mode != "RGB" else image
     if layout.is_anyres:
         crops = anyres_crops(image, layout)
@@ -137,5 +141,4 @@ def crop_pixels(image: Image.Image, layout: ImageLayout) -> torch.Tensor:
 
 def preprocess(image: Image.Image, layout: ImageLayout) -> torch.Tensor:
     """``[num_crops, 3, 336, 336]`` float32 CLIP input of one image (on the CPU)."""
-    pixels = crop_pixels(image, layout).numpy()
-    return torch.from_numpy(normalization_table(layout)[np.arange(3)[:, None, None], pixels])
+    return normalize_pixels(crop_pixels(image, layout), torch.from_numpy(normalization_table(layout)))
