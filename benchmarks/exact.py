@@ -22,6 +22,9 @@ The exact-match prefix against the reference's own greedy tokens is reported too
 second pass hits the first pass's blocks (image and text up to the last full block), so its tokens
 check the prefix-cache path against the same reference; each case records `num_cached_tokens` per
 pass, and a later pass passes only if every prompt of two blocks or more hit.
+
+`--compare A.json B.json` compares two `--check tolerance` runs of the same cases (say, with and
+without PMOD_ATTENTION_METADATA_PER_CLASS=1): equal tokens, largest top-5 logprob difference.
 """
 
 from __future__ import annotations
@@ -110,7 +113,10 @@ def check_case(args, reference, ref, ref_prompt_ids, prompt, images, out) -> dic
             if margin > args.tie_margin or err > args.max_logprob_error:
                 violations.append({"pos": pos, "margin": margin, "logprob_error": err})
         case.update({"max_regret_nats": worst_margin, "max_logprob_error_nats": worst_err,
-                     "violations": violations})
+                     "violations": violations,
+                     # the engine's own top-5 per position, to compare two engine runs exactly
+                     "top_logprobs": [{str(tid): float(entry.logprob) for tid, entry in top.items()}
+                                      for top in out.outputs[0].logprobs]})
         case["ok"] = case["prompt_ids_match"] and not violations
     if args.check == "exact":
         case["ok"] = case["prompt_ids_match"] and case["exact"]
@@ -158,9 +164,27 @@ def noise_floor(checkpoint: Path, variant: str) -> dict:
     return out
 
 
+def compare_runs(first: Path, second: Path) -> dict:
+    """Two `--check tolerance` runs of the same cases (e.g. two engine paths): per case, whether
+    the tokens are equal and the largest difference between their top-5 logprobs."""
+    runs = [json.loads(Path(path).read_text())["cases"] for path in (first, second)]
+    cases = {}
+    for name in runs[0]:
+        a, b = runs[0][name], runs[1].get(name)
+        if b is None:
+            cases[name] = {"tokens_equal": False, "missing": True}
+            continue
+        diffs = [abs(lp - other[tid]) for top, other in zip(a["top_logprobs"], b["top_logprobs"])
+                 for tid, lp in top.items() if tid in other]
+        cases[name] = {"tokens_equal": a["tokens"] == b["tokens"], "max_logprob_diff": max(diffs, default=None)}
+    return {"runs": [str(first), str(second)], "cases": cases,
+            "tokens_equal": all(case["tokens_equal"] for case in cases.values()),
+            "max_logprob_diff": max((c["max_logprob_diff"] or 0.0 for c in cases.values()), default=0.0)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--variant", choices=("next", "v15"), default="next")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--attention-backend", default=None)
@@ -183,8 +207,18 @@ def main() -> None:
     parser.add_argument("--reference-only", action="store_true", help="fill --reference-cache and exit")
     parser.add_argument("--noise-floor", type=Path, default=None,
                         help="write the reference-in-bf16 noise floor of --checkpoint to this JSON and exit")
+    parser.add_argument("--compare", type=Path, nargs=2, metavar="RUN.json",
+                        help="compare two --check tolerance runs (tokens, top-5 logprobs) and exit")
     args = parser.parse_args()
+    if not args.compare and args.checkpoint is None:
+        parser.error("--checkpoint is required")
 
+    if args.compare:
+        comparison = compare_runs(*args.compare)
+        print(json.dumps(comparison, indent=1))
+        if args.out:
+            write_json(args.out, comparison)
+        return
     if args.noise_floor:
         write_json(args.noise_floor, {"checkpoint": str(args.checkpoint), "new_tokens": NEW_TOKENS,
                                       "cases": noise_floor(args.checkpoint, args.variant)})

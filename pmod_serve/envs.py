@@ -44,6 +44,10 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # torch.compile backend for their decoder ("inductor"; "aot_eager" traces without generating
     # code, for tests).
     "PMOD_ROUTED_STEP_COMPILE": lambda: os.environ.get("PMOD_ROUTED_STEP_COMPILE", "eager").strip() or "eager",
+    # "1": build every retention-ratio class's attention metadata with the backend's builder, also
+    # where one build per step serves them all (pmod_serve.v1.worker.model_runner.
+    # _derived_class_fields); for A/B checks of the two paths.
+    "PMOD_ATTENTION_METADATA_PER_CLASS": lambda: os.environ.get("PMOD_ATTENTION_METADATA_PER_CLASS") == "1",
     # Show the demo server's log on the terminal (`make demo`).
     "PMOD_DEMO_VERBOSE": lambda: bool(os.environ.get("PMOD_DEMO_VERBOSE")),
 }

@@ -3,6 +3,9 @@ when no request of the step has skipped a token (text only), and tokens still eq
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
 from conftest import engine_runner, make_image, vicuna_prompt
 from vllm import SamplingParams
 
@@ -99,3 +102,87 @@ def test_custom_ops_are_traced_native_and_run_their_kernel_eagerly():
     torch._dynamo.reset()
     torch.compile(forward, backend="eager", fullgraph=True)(x)
     assert calls == ["native"]
+
+
+def _fields(metadata) -> dict:
+    return {field.name: getattr(metadata, field.name) for field in dataclasses.fields(metadata)}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
+def test_flash_attention_classes_derived_from_one_build_equal_a_build_per_class(llm_next):
+    """On GPUs (FlashAttention) a step builds class 0's metadata only; every other class's is
+    derived from it. Checked here with vLLM's own FlashAttention builder on the CPU engine's real
+    steps (an image prefill and decodes, so the classes' lengths differ): every layer's derived
+    metadata equals, field by field, that builder's build of the layer's class with the layer's
+    own block table and slot mapping. Fails when vLLM adds a field that depends on lengths.
+    (FA3's ahead-of-time scheduler metadata, None in a derived class, is not built on a CPU.)"""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+    from pmod_serve.v1.worker.model_runner import _derived_class_fields
+
+    runner = engine_runner(llm_next)
+    stack = runner._pmod_stack
+    spec = stack.builders[0].kv_cache_spec
+    flash = FlashAttentionMetadataBuilder(spec, list(stack.layer_names), runner.vllm_config, runner.device)
+    fields = _derived_class_fields(flash)
+    assert fields == {"scheduler_metadata": None}
+
+    compared: list[tuple[int, bool]] = []  # (classes with distinct lengths, prefill) per step
+    original = runner._build_pmod_attention_metadata
+
+    def checked(stack, **kwargs):
+        # The step as the CPU runs it, recording what each class's build was given.
+        given: dict[int, object] = {}
+        builds = [builder.build for builder in stack.builders]
+
+        def recording(k, build):
+            def record(common_prefix_len, common_attn_metadata, **kw):
+                given[k] = common_attn_metadata
+                return build(common_prefix_len, common_attn_metadata, **kw)
+
+            return record
+
+        for k, builder in enumerate(stack.builders):
+            builder.build = recording(k, builds[k])
+        try:
+            metadata = original(stack, **kwargs)
+        finally:
+            for builder, build in zip(stack.builders, builds):
+                builder.build = build
+        if not kwargs.get("num_tokens") or len(given) != stack.num_classes:
+            return metadata
+        # The same step through the derived path, with vLLM's FlashAttention builder.
+        builders, derived_fields = stack.builders, stack.derived_class_fields
+        stack.builders, stack.derived_class_fields = [flash], fields
+        try:
+            derived = original(stack, **kwargs)
+        finally:
+            stack.builders, stack.derived_class_fields = builders, derived_fields
+        for layer, name in enumerate(stack.layer_names):
+            k = int(stack.class_of_layer[layer])
+            cpu = metadata[name]
+            expected = flash.update_block_table(
+                flash.build(common_prefix_len=0, common_attn_metadata=given[k]), cpu.block_table, cpu.slot_mapping
+            )
+            got, want = _fields(derived[name]), _fields(expected)
+            assert got.keys() == want.keys()
+            different = [field for field in want if not _same(got[field], want[field])]
+            assert not different, f"layer {layer} (class {k}): {different}"
+        lengths = {tuple(given[k].seq_lens.tolist()) for k in given}
+        compared.append((len(lengths), given[0].max_query_len > 1))
+        return metadata
+
+    runner._build_pmod_attention_metadata = checked
+    try:
+        greedy = SamplingParams(temperature=0.0, max_tokens=4)
+        prompt = vicuna_prompt("What is shown in this image?", 1)
+        llm_next.generate([{"prompt": prompt, "multi_modal_data": {"image": [make_image(400, 300, 5)]}}], greedy)
+    finally:
+        del runner._build_pmod_attention_metadata
+    assert any(prefill for _, prefill in compared) and any(not prefill for _, prefill in compared)
+    assert all(distinct > 2 for distinct, _ in compared)

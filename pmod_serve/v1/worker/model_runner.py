@@ -46,6 +46,7 @@ from vllm.v1.attention.backends.utils import NULL_BLOCK_ID  # padded CUDA-graph 
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.utils import CpuGpuBuffer
 
+from pmod_serve import envs
 from pmod_serve.pmod.kv_layout import RequestKVLayout, compacted_counts
 from pmod_serve.pmod.routing import PmodRouting, RoutingPlan
 from pmod_serve.pmod.schedule import PmodSchedule
@@ -132,16 +133,24 @@ class PmodStack:
             layout_of_row=runner._pmod_layout_of_row,
             class_of_layer=self.class_of_layer,
         )
-        # One metadata builder per class: under CUDA graphs each keeps its own persistent state.
         builder_spec = attn_group.get_metadata_builder().kv_cache_spec
         builder_cls = attn_group.backend.get_builder_cls()
-        self.builders = [
-            builder_cls(builder_spec, [self.layer_names[layer] for layer in layers], runner.vllm_config, device)
-            for layers in self.class_layers
-        ]
+
+        def make_builder(layers) -> object:
+            return builder_cls(builder_spec, [self.layer_names[layer] for layer in layers], runner.vllm_config, device)
+
+        builder = make_builder(range(len(self.layer_names)))
+        # Where the backend allows it, one build per step (class 0's) and the other classes'
+        # metadata derived from it; otherwise one builder per class (under CUDA graphs each keeps
+        # its own persistent state).
+        self.derived_class_fields = _derived_class_fields(builder)
+        if self.derived_class_fields is not None:
+            self.builders = [builder]
+        else:
+            self.builders = [make_builder(layers) for layers in self.class_layers]
         # FlashAttention's per-class AOT scheduler metadata, stacked (see below); None otherwise.
         self.scheduler_metadata: torch.Tensor | None = None
-        self.shared_builds = self._stack_persistent_builder_state(runner)
+        self.shared_builds = self.derived_class_fields is None and self._stack_persistent_builder_state(runner)
         self._request_views: dict[int, tuple[list[tuple], list[torch.Tensor]]] = {}
         self._slot_views: dict[tuple[int, ...], list[torch.Tensor]] = {}
 
@@ -529,14 +538,13 @@ class PmodRunnerMixin:
             seq_lens_cpu = self.optimistic_seq_lens_cpu[:num_reqs_padded]
             max_seq_len = self.max_model_len if for_cudagraph_capture else int(seq_lens_cpu[:num_reqs].max())
 
-        attn_metadata = {}
         layer_names = stack.layer_names
         if step is not None:
             class_slots = stack.slot_views(tuple((step.num_tokens + padding).tolist()))
         else:
             class_slots = stack.slot_views((num_tokens + padding,) * stack.num_classes)
-        shared = step is not None and step.classes_identical and stack.shared_builds and not for_cudagraph_capture
-        for k, layers in enumerate(stack.class_layers):
+
+        def class_metadata(k: int) -> CommonAttentionMetadata:
             query_start_loc, query_start_loc_cpu, seq_lens, seq_lens_cpu_k, num_computed_k = class_views[k]
             if step is not None:
                 class_tokens = int(step.num_tokens[k])
@@ -560,8 +568,8 @@ class PmodRunnerMixin:
                     max_seq_len=max_seq_len,
                     positions=self.positions[:num_tokens_padded],
                 )
-            first = int(layers[0])
-            metadata = CommonAttentionMetadata(
+            first = int(stack.class_layers[k][0])
+            return CommonAttentionMetadata(
                 **common,
                 query_start_loc=query_start_loc,
                 seq_lens=seq_lens,
@@ -572,18 +580,47 @@ class PmodRunnerMixin:
                 causal=True,
                 is_prefilling=is_prefilling,
             )
-            builder = stack.builders[k]
+
+        def build(builder, metadata: CommonAttentionMetadata):
             if for_cudagraph_capture:
-                built = builder.build_for_cudagraph_capture(metadata)
-            else:
-                built = builder.build(common_prefix_len=0, common_attn_metadata=metadata)
+                return builder.build_for_cudagraph_capture(metadata)
+            return builder.build(common_prefix_len=0, common_attn_metadata=metadata)
+
+        attn_metadata = {}
+        if stack.derived_class_fields is not None:
+            # One build (class 0); every other class takes it with its own lengths (under full
+            # CUDA graphs, captured that way too).
+            (builder,) = stack.builders
+            built = build(builder, class_metadata(0))
+            derived = [None] * stack.num_classes
+            for k in range(1, stack.num_classes):
+                query_start_loc, _, seq_lens, _, _ = class_views[k]
+                derived[k] = dict(
+                    stack.derived_class_fields,
+                    num_actual_tokens=(int(step.num_tokens[k]) if step is not None else num_tokens) + padding,
+                    max_query_len=int(step.max_query_len[k]) if step is not None else max_query_len,
+                    query_start_loc=query_start_loc,
+                    max_seq_len=built.max_seq_len if step is None or for_cudagraph_capture else int(step.max_seq_len[k]),
+                    seq_lens=seq_lens,
+                )
+            for layer, (name, k) in enumerate(zip(layer_names, stack.class_of_layer.tolist())):
+                if k == 0:
+                    attn_metadata[name] = _with_layer_kv(builder, built, tables[layer], class_slots[layer])
+                else:
+                    attn_metadata[name] = _with_fields(built, derived[k], block_table=tables[layer], slot_mapping=class_slots[layer])
+            return attn_metadata
+
+        shared = step is not None and step.classes_identical and stack.shared_builds and not for_cudagraph_capture
+        for k, layers in enumerate(stack.class_layers):
+            builder = stack.builders[k]
+            built = build(builder, class_metadata(k))
             if shared:
                 # Every class has these lengths: class 0's build serves all layers.
                 stack.share_class_build()
                 for layer, name in enumerate(layer_names):
                     attn_metadata[name] = _with_layer_kv(builder, built, tables[layer], class_slots[layer])
                 return attn_metadata
-            attn_metadata[layer_names[first]] = built
+            attn_metadata[layer_names[layers[0]]] = built
             for layer in layers[1:]:
                 attn_metadata[layer_names[layer]] = _with_layer_kv(builder, built, tables[layer], class_slots[layer])
         return attn_metadata
@@ -598,6 +635,35 @@ class PmodRunnerMixin:
     def _pmod_model(self):
         model = self.get_model()
         return model.unwrap() if hasattr(model, "unwrap") else model
+
+
+def _derived_class_fields(builder) -> dict | None:
+    """What a class's attention metadata sets besides its lengths, block table and slot mapping
+    when it is derived from another class's build (`_with_fields`); None where the backend's
+    metadata cannot be derived that way.
+
+    vLLM 0.26's FlashAttention metadata depends on a step's lengths only through
+    `num_actual_tokens`, `max_query_len`, `query_start_loc`, `max_seq_len` and `seq_lens`, and
+    through FA3's optional ahead-of-time scheduler metadata: without it, FA3 schedules inside the
+    attention call from `seq_lens` (the same computation, on the device; a full CUDA graph
+    captures it), instead of one host call per class and step. Decode context parallelism and
+    R-SWA add length-dependent fields, so they keep one build per class; so do other backends
+    (the CPU backend's kernel, for one, needs its scheduler metadata)."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+    if envs.PMOD_ATTENTION_METADATA_PER_CLASS:
+        return None
+    if type(builder) is FlashAttentionMetadataBuilder and builder.dcp_world_size == 1 and builder.rswa_window is None:
+        return {"scheduler_metadata": None}
+    return None
+
+
+def _with_fields(metadata, fields: dict, **more):
+    """A shallow copy of `metadata` with `fields` and `more` set (a dataclass copy without
+    re-running its constructor: 24 of these per step)."""
+    derived = object.__new__(type(metadata))
+    derived.__dict__.update(metadata.__dict__, **fields, **more)
+    return derived
 
 
 def _with_layer_kv(builder, metadata, block_table: torch.Tensor, slot_mapping: torch.Tensor):
