@@ -51,3 +51,22 @@ def test_fp8_weights_are_served_with_a_warning(tiny_next, quantization) -> None:
     finally:
         logger.removeHandler(handler)
     assert len([m for m in messages if "--quantization fp8" in m]) == (1 if quantization else 0)
+
+
+@pytest.mark.parametrize("block_size", [None, 16])
+def test_kv_block_size_on_cuda_is_32_unless_given(tiny_next, monkeypatch, block_size) -> None:
+    """On CUDA p-MoD's KV blocks hold 32 tokens (half the single-layer blocks per request of
+    vLLM's 16), unless --block-size says otherwise; CPUs keep their backend's default. The CUDA
+    case runs the same config hook with the platform reporting CUDA."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+
+    from pmod_serve.model_executor.models.config import PMOD_CUDA_BLOCK_SIZE, PmodEngineConfig
+
+    config = EngineArgs(model=str(tiny_next), max_model_len=4096, block_size=block_size).create_engine_config()
+    assert config.cache_config.block_size != PMOD_CUDA_BLOCK_SIZE  # CPU: the backend's (128) or the given one
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+    PmodEngineConfig.verify_and_update_config(config)
+    assert config.cache_config.block_size == (block_size or PMOD_CUDA_BLOCK_SIZE)
+    # Marked as chosen, so the executor's per-backend default (Platform.update_block_size_for_backend) keeps it.
+    assert config.cache_config.user_specified_block_size

@@ -16,11 +16,13 @@ that does not grow with the number of layers or retention ratios:
   request]` numpy arrays), copied in one transfer per field into persistent buffers;
 - every layer's slot mapping comes from one batched gather over `[layer, token]` (on the host for
   small steps, on the device for large ones);
-- attention metadata is built once per class (each class has its own builder, so CUDA graphs
-  read per-class buffers); the other layers of a class take it with their own block table and
-  slot mapping (`update_block_table`, vLLM's own shortcut for exactly that). A step in which no
-  request has skipped a token yet (text only) has equal lengths in every class: one build then
-  serves every layer.
+- attention metadata: with FlashAttention (GPUs), one build per step, class 0's; every other
+  class's is a copy with its own lengths and no FA3 ahead-of-time scheduler metadata (FA3
+  schedules it inside the kernel), as `_derived_class_fields` explains. Other backends build
+  once per class (each class has its own builder, so CUDA graphs read per-class buffers), and
+  once per step when no request has skipped a token yet (text only: equal lengths in every
+  class). The other layers of a class take its metadata with their own block table and slot
+  mapping (`update_block_table`, vLLM's own shortcut for exactly that).
 
 Overrides of vLLM's V1 `GPUModelRunner` (shared by `CPUModelRunner`): `get_kv_cache_spec`,
 `initialize_kv_cache`, `_cleanup_profiling_kv_cache`, `_update_states`, `_prepare_inputs`, `_get_slot_mappings`, `_build_attention_metadata`,
