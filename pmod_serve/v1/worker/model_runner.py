@@ -546,37 +546,44 @@ class PmodRunnerMixin:
         else:
             class_slots = stack.slot_views((num_tokens + padding,) * stack.num_classes)
 
+        def class_lengths(k: int) -> dict:
+            """Class `k`'s length fields, shared by its build and its derived metadata."""
+            query_start_loc, _, seq_lens, _, _ = class_views[k]
+            if step is None:
+                return dict(num_actual_tokens=num_tokens + padding, max_query_len=max_query_len,
+                            max_seq_len=max_seq_len, query_start_loc=query_start_loc, seq_lens=seq_lens)
+            return dict(
+                num_actual_tokens=int(step.num_tokens[k]) + padding,
+                max_query_len=int(step.max_query_len[k]),
+                max_seq_len=self.max_model_len if for_cudagraph_capture else int(step.max_seq_len[k]),
+                query_start_loc=query_start_loc,
+                seq_lens=seq_lens,
+            )
+
         def class_metadata(k: int) -> CommonAttentionMetadata:
-            query_start_loc, query_start_loc_cpu, seq_lens, seq_lens_cpu_k, num_computed_k = class_views[k]
+            lengths = class_lengths(k)
+            _, query_start_loc_cpu, _, seq_lens_cpu_k, num_computed_k = class_views[k]
             if step is not None:
-                class_tokens = int(step.num_tokens[k])
                 common = dict(
                     query_start_loc_cpu=query_start_loc_cpu,
                     _seq_lens_cpu=seq_lens_cpu_k,
                     _num_computed_tokens_cpu=num_computed_k,
                     seq_lens_cpu_upper_bound=seq_lens_cpu_k,
-                    max_query_len=int(step.max_query_len[k]),
-                    max_seq_len=self.max_model_len if for_cudagraph_capture else int(step.max_seq_len[k]),
-                    positions=stack.kept_index.gpu[: class_tokens + padding, k],
+                    positions=stack.kept_index.gpu[: lengths["num_actual_tokens"], k],
                 )
             else:
-                class_tokens = num_tokens
                 common = dict(
                     query_start_loc_cpu=self.query_start_loc.cpu[: num_reqs_padded + 1],
                     _seq_lens_cpu=seq_lens_cpu,
                     _num_computed_tokens_cpu=num_computed_full,
                     seq_lens_cpu_upper_bound=seq_lens_cpu,
-                    max_query_len=max_query_len,
-                    max_seq_len=max_seq_len,
                     positions=self.positions[:num_tokens_padded],
                 )
             first = int(stack.class_layers[k][0])
             return CommonAttentionMetadata(
                 **common,
-                query_start_loc=query_start_loc,
-                seq_lens=seq_lens,
+                **lengths,
                 num_reqs=num_reqs_padded,
-                num_actual_tokens=class_tokens + padding,
                 block_table_tensor=tables[first],
                 slot_mapping=class_slots[first],
                 causal=True,
@@ -594,17 +601,7 @@ class PmodRunnerMixin:
             # CUDA graphs, captured that way too).
             (builder,) = stack.builders
             built = build(builder, class_metadata(0))
-            derived = [None] * stack.num_classes
-            for k in range(1, stack.num_classes):
-                query_start_loc, _, seq_lens, _, _ = class_views[k]
-                derived[k] = dict(
-                    stack.derived_class_fields,
-                    num_actual_tokens=(int(step.num_tokens[k]) if step is not None else num_tokens) + padding,
-                    max_query_len=int(step.max_query_len[k]) if step is not None else max_query_len,
-                    query_start_loc=query_start_loc,
-                    max_seq_len=built.max_seq_len if step is None or for_cudagraph_capture else int(step.max_seq_len[k]),
-                    seq_lens=seq_lens,
-                )
+            derived = [None] + [dict(stack.derived_class_fields, **class_lengths(k)) for k in range(1, stack.num_classes)]
             for layer, (name, k) in enumerate(zip(layer_names, stack.class_of_layer.tolist())):
                 if k == 0:
                     attn_metadata[name] = _with_layer_kv(builder, built, tables[layer], class_slots[layer])
