@@ -179,7 +179,7 @@ def compare_runs(first: Path, second: Path) -> dict:
         cases[name] = {"tokens_equal": a["tokens"] == b["tokens"], "max_logprob_diff": max(diffs, default=None)}
     return {"runs": [str(first), str(second)], "cases": cases,
             "tokens_equal": all(case["tokens_equal"] for case in cases.values()),
-            "max_logprob_diff": max((c["max_logprob_diff"] or 0.0 for c in cases.values()), default=0.0)}
+            "max_logprob_diff": max((c.get("max_logprob_diff") or 0.0 for c in cases.values()), default=0.0)}
 
 
 def main() -> None:
