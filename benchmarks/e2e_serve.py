@@ -318,12 +318,50 @@ class MetricsPoller:
 def server_command(engine: str, args, model_dir: Path, served_name: str, port: int) -> list[str]:
     common = ["--load-format", args.load_format, "--served-model-name", served_name,
               "--host", "127.0.0.1", "--port", str(port), *shlex.split(args.server_args)]
+    if args.profile_run:
+        common += ["--profiler-config", json.dumps(profiler_config(args, engine))]
     if engine == "pmod":
         return [*_pmod_serve_cli(), str(model_dir), *common, *shlex.split(args.pmod_args)]
     if engine == "baseline" and args.baseline == "pmod-dense":
         return [*_pmod_serve_cli(), str(model_dir), *common, *shlex.split(args.baseline_args)]
     return [*_vllm_cli(), "serve", str(model_dir), *common, "--chat-template", str(CHAT_TEMPLATE),
             *shlex.split(args.baseline_args)]
+
+
+def profiler_config(args, engine: str) -> dict:
+    """vLLM's torch profiler for `--profile-run`: the worker's host and device activity (at most
+    `--profile-steps` engine steps), without Python stacks or the API server (they would slow the
+    host further)."""
+    return {"profiler": "torch", "torch_profiler_dir": str(args.out / f"trace_{engine}"),
+            "torch_profiler_with_stack": False, "torch_profiler_dump_cuda_time_total": False,
+            "ignore_frontend": True, "max_iterations": args.profile_steps}
+
+
+def profile_window(base_url: str, args, stop: threading.Event) -> threading.Thread:
+    """Profiles the server for `--profile-for-s` seconds, `--profile-at-s` seconds after it first
+    runs `--profile-when-running` requests: the run's steady state, not its first steps (the engine
+    gets the first requests while the API server still renders the others' images)."""
+    def post(path: str) -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(base_url + path, method="POST"), timeout=120).read()
+        except Exception as error:  # the summary then says that no trace was written
+            _log(f"profiler {path}: {error}")
+
+    def window() -> None:
+        while not stop.wait(0.25):
+            try:
+                if scrape(base_url, timeout=2).get("vllm:num_requests_running", 0) >= args.profile_when_running:
+                    break
+            except Exception:
+                continue
+        if not stop.wait(args.profile_at_s):
+            post("/start_profile")
+            stop.wait(args.profile_for_s)
+            post("/stop_profile")
+
+    thread = threading.Thread(target=window, daemon=True)
+    thread.start()
+    return thread
 
 
 def bench_command(args, run: str, base_url: str, served_name: str, result_dir: Path, engine: str) -> list[str]:
@@ -354,11 +392,13 @@ def _tail(path: Path, chars: int = 3000) -> str:
         return ""
 
 
-def start_server(cmd: list[str], log_path: Path, cwd: Path) -> subprocess.Popen:
+def start_server(cmd: list[str], log_path: Path, cwd: Path, profiled: bool = False) -> subprocess.Popen:
     """A server in its own session (stopped with its whole group by `_kill_group`, or at exit),
     with vLLM's default processes, its output in `log_path`."""
     env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    if profiled:  # the model runner's phases (preprocess, forward, sample, ...) in the trace
+        env["VLLM_CUSTOM_SCOPES_FOR_PROFILING"] = "1"
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(cwd),
                                    start_new_session=True)
@@ -380,7 +420,7 @@ def run_server(engine: str, args, model_dir: Path, deadline: float, result: dict
     _log(f"{engine}: starting {shlex.join(cmd)}")
     result["gpu_memory_used_mib_at_start"] = wait_gpu_memory_free()
     start = time.monotonic()
-    process = start_server(cmd, log_path, out)
+    process = start_server(cmd, log_path, out, profiled=args.profile_run is not None)
     try:
         from pmod_serve.entrypoints.demo import wait_healthy
 
@@ -432,6 +472,8 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(args.out),
                                    start_new_session=True)
         _live.append(process)
+        finished = threading.Event()
+        profiler = profile_window(base_url, args, finished) if run == args.profile_run else None
         try:
             process.wait(timeout=max(1.0, remaining - 5))
             timed_out = False
@@ -439,6 +481,9 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
             timed_out = True
         finally:
             _kill_group(process, grace_s=5)
+            finished.set()
+            if profiler is not None:
+                profiler.join(timeout=120)
     entry: dict = {"wall_s": time.monotonic() - started, "returncode": process.returncode,
                    "peak_kv_cache_usage": poller.peak_kv_usage, "peak_running": poller.peak_running,
                    "metrics_samples": poller.samples}
@@ -465,6 +510,12 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
             entry["server_prompt_tokens_per_request"] = entry["prompt_tokens_total_delta"] / entry["completed"]
     elif "error" not in entry:
         entry["error"] = f"vllm bench serve exited with {process.returncode} and wrote no result"
+    if run == args.profile_run:
+        # Not a measurement (the profiler slows the engine's host): excluded from the ratios.
+        entry["profiled"] = True
+        from benchmarks.trace_summary import summarize_dir
+
+        entry["trace_summary"] = summarize_dir(args.out / f"trace_{engine}")
     if "error" in entry:
         entry["log_tail"] = _tail(log_path, 2000)
         _log(f"{engine}: {run}: {entry['error']}")
@@ -500,11 +551,16 @@ def ratio(a, b) -> float | None:
     return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
 
 
+def _measured(part: dict, run: str) -> dict:
+    """An engine's result of `run`, empty if it did not run or was profiled (not a measurement)."""
+    entry = part.get("runs", {}).get(run, {})
+    return {} if entry.get("profiled") else entry
+
+
 def ratios(pmod: dict, baseline: dict) -> dict:
     out = {}
     for name, (run, key) in RATIOS.items():
-        p = pmod.get("runs", {}).get(run, {}).get(key)
-        b = baseline.get("runs", {}).get(run, {}).get(key)
+        p, b = _measured(pmod, run).get(key), _measured(baseline, run).get(key)
         out[name] = ratio(p, b)
     return out
 
@@ -608,6 +664,15 @@ def parse_args(argv=None):
                              "the baseline); runs that no longer fit are skipped")
     parser.add_argument("--min-run-s", type=float, default=20, help="do not start a run with less time left")
     parser.add_argument("--poll-s", type=float, default=0.5, help="/metrics polling interval (0: off)")
+    parser.add_argument("--profile-run", choices=tuple(RUNS), default=None,
+                        help="profile part of this run with vLLM's torch profiler (servers get --profiler-config); "
+                             "its trace is summarised (benchmarks/trace_summary.py) and its numbers are left "
+                             "out of the ratios")
+    parser.add_argument("--profile-when-running", type=int, default=64,
+                        help="profiling starts --profile-at-s after the server first runs this many requests")
+    parser.add_argument("--profile-at-s", type=float, default=3.0)
+    parser.add_argument("--profile-for-s", type=float, default=1.5, help="seconds profiled")
+    parser.add_argument("--profile-steps", type=int, default=64, help="at most this many engine steps profiled")
     args = parser.parse_args(argv)
     for flag in DEFAULT_COUNTS:
         if getattr(args, flag) is None:

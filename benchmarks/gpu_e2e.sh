@@ -86,7 +86,11 @@ case "$step" in
         name="$name-$PMOD_ROUTED_STEP_COMPILE"
       fi
       [ -f "$out/e2e_serve.json" ] && cp "$out/e2e_serve.json" "$OUT/$name.json"
-      tar -czf "$OUT/$name-files.tgz" -C "$(dirname "$out")" "$(basename "$out")"
+      # Profiler traces (--profile-run) travel on their own, where small enough to come back.
+      tar -czf "$OUT/$name-files.tgz" --exclude='*.pt.trace.json*' -C "$(dirname "$out")" "$(basename "$out")"
+      find "$out" -name '*.pt.trace.json.gz' -size -15M | while read -r trace; do
+        cp "$trace" "$OUT/$(basename "$(dirname "$trace")").pt.trace.json.gz"
+      done
     fi
     exit $rc
     ;;

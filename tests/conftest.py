@@ -44,7 +44,7 @@ CACHE = Path(os.environ.get("PMOD_TEST_CACHE", REPO / ".cache" / "tests"))
 # that start engines themselves declare `pytestmark = pytest.mark.engine`.
 ENGINE_FIXTURES = {
     "llm_next", "llm_v15", "llm_small_pool", "llm_trained", "served",  # in-process engines
-    "llm_prefix", "llm_prefix_small_pool",
+    "llm_prefix", "llm_prefix_small_pool", "llm_two_images_per_step",
     "pmod_server", "plain_server", "plain_vllm_server", "keyed_servers", "server",  # server processes
 }
 
@@ -59,6 +59,7 @@ SHARED_INSTANCES = {
     "keyed_servers": "keyed-servers",
     "llm_next": "llm-next", "llm_v15": "llm-v15", "llm_small_pool": "llm-small-pool", "llm_prefix": "llm-prefix",
     "llm_prefix_small_pool": "llm-prefix-small-pool", "llm_trained": "llm-trained", "served": "llm-trained",
+    "llm_two_images_per_step": "llm-two-images-per-step",
 }
 SERVER_PARAMS = {"pmod-serve": "pmod_server", "vllm serve": "plain_server"}
 # Modules kept in one process for their session-scoped fixtures (deploy checks run once), and
@@ -352,6 +353,13 @@ def llm_prefix(tiny_next):
             del os.environ["PMOD_ROUTED_STEP_COMPILE"]
         else:
             os.environ["PMOD_ROUTED_STEP_COMPILE"] = previous
+
+
+@pytest.fixture(scope="session")
+def llm_two_images_per_step(tiny_next):
+    """An 8192-token step budget, as vLLM's API server sets on large GPUs: two 672x672 images
+    (2,928 visual tokens each) per step."""
+    return make_llm(tiny_next, max_num_batched_tokens=8192)
 
 
 @pytest.fixture(scope="session")

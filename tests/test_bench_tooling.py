@@ -6,6 +6,7 @@ this only checks what would otherwise fail on a GPU machine after minutes of sta
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from pathlib import Path
 
@@ -172,3 +173,60 @@ def test_quality_policy_allows_only_near_tie_flips() -> None:
     assert not compare_quality(base, far, tie_margin=0.5, max_logprob_error=1.0)["passed"]
     outside = run([7, 2, 3], [{"7": -0.1}, {"2": -0.7}, {"3": -0.2}])
     assert compare_quality(base, outside, tie_margin=0.5, max_logprob_error=1.0)["max_regret_nats"] == float("inf")
+
+
+def test_profiled_runs_are_left_out_of_the_ratios(tmp_path: Path) -> None:
+    args = _e2e_args(tmp_path, "--profile-run", "image_c256")
+    pmod = e2e_serve.server_command("pmod", args, Path("/m/pmod"), "pmod", 8000)
+    config = json.loads(pmod[pmod.index("--profiler-config") + 1])
+    assert config["profiler"] == "torch" and config["torch_profiler_dir"].endswith("trace_pmod")
+    runs = {"image_c256": {"request_throughput": 4.0, "profiled": True}, "image_c32": {"request_throughput": 4.0}}
+    ratios = e2e_serve.ratios({"runs": runs}, {"runs": {"image_c256": {"request_throughput": 2.0},
+                                                        "image_c32": {"request_throughput": 2.0}}})
+    assert ratios["throughput_c256"] is None and ratios["throughput_c32"] == 2.0
+
+
+def _kineto_trace(path: Path) -> None:
+    """A torch-profiler trace in kineto's chrome format (what vLLM's worker writes): two engine
+    steps on one thread; the first launches two kernels and waits for the GPU in `aten::item`,
+    the second launches one kernel after a 30 us host gap; times in microseconds."""
+    host, gpu = {"pid": 1, "tid": 7}, {"pid": 0, "tid": 7}
+
+    def event(cat, name, ts, dur, where=host, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, **where, "args": args}
+
+    events = [
+        event("user_annotation", "execute_context_1(2990)_generation_3(3)", 0, 100),
+        event("user_annotation", "gpu_model_runner: forward", 5, 90),
+        event("cpu_op", "aten::mm", 10, 10),
+        event("cuda_runtime", "cudaLaunchKernel", 12, 4, correlation=1),
+        event("cpu_op", "aten::mm", 20, 10),
+        event("cuda_runtime", "cudaLaunchKernel", 22, 4, correlation=2),
+        event("cpu_op", "aten::item", 40, 50),
+        event("cuda_runtime", "cudaStreamSynchronize", 45, 40),
+        event("kernel", "gemm_a", 20, 30, gpu, correlation=1),
+        event("kernel", "gemm_b", 50, 35, gpu, correlation=2),
+        event("user_annotation", "execute_context_0(0)_generation_4(4)", 120, 40),
+        event("cpu_op", "aten::add", 125, 5),
+        event("cuda_runtime", "cudaLaunchKernel", 126, 3, correlation=3),
+        event("kernel", "add", 130, 10, gpu, correlation=3),
+    ]
+    with gzip.open(path, "wt") as handle:
+        json.dump({"traceEvents": events}, handle)
+
+
+def test_trace_summary_of_a_kineto_trace(tmp_path: Path) -> None:
+    from benchmarks.trace_summary import summarize_dir
+
+    _kineto_trace(tmp_path / "rank-0.1.pt.trace.json.gz")
+    (summary,) = summarize_dir(tmp_path).values()
+    first, second = summary["per_step"]
+    assert (first["kind"], first["kernels"], first["device_ms"], first["period_ms"]) == ("prefill", 2, 0.065, 0.12)
+    assert (second["kind"], second["kernels"], second["device_ms"]) == ("decode", 1, 0.01)
+    # The window: 0 us (first step) to 160 us (the second step's end); kernels busy 65 + 10 us.
+    assert summary["window_ms"] == pytest.approx(0.16) and summary["gpu_busy_ms"] == pytest.approx(0.075)
+    # Idle 0-20 us (host in aten::mm), 85-130 us (between steps, then aten::add), 140-160 us.
+    assert summary["gpu_idle_ms_by_host_operator"]["gpu_model_runner: forward > aten::mm"] == pytest.approx(0.02)
+    assert summary["host_waits_for_gpu"] == {
+        "cudaStreamSynchronize in gpu_model_runner: forward > aten::item": {"count": 1, "total_ms": 0.04}}
+    assert summary["runner_phases_ms"] == {"gpu_model_runner: forward": 0.09}

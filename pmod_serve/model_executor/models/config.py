@@ -9,6 +9,9 @@ the same installation are untouched. What it switches, and why:
 - prefix caching stays as vLLM sets it (on by default): compacted layer blocks are named by
   their content per layer (pmod_serve.v1.core.prefix_cache), so hits are exact;
 - `max_num_batched_tokens >= max_model_len`: a request's visual tokens must fit in one step;
+- an encoder cache of two steps' encoder budgets (vLLM's: one): with async scheduling a step's
+  images are still cached when the next step is scheduled, and one new image per step leaves
+  p-MoD's routed steps host-bound;
 - KV blocks of 32 tokens on CUDA unless `--block-size` is given (vLLM's default is 16): p-MoD
   allocates per layer, so a request holds ~17x the blocks of a dense one;
 - torch.compile and CUDA graphs as vLLM sets them, except for steps that route visual tokens
@@ -33,6 +36,8 @@ logger = logging.getLogger("vllm.pmod_serve")  # shown with vLLM's log configura
 
 # KV block size (tokens) on CUDA unless --block-size is given; vLLM's default is 16.
 PMOD_CUDA_BLOCK_SIZE = 32
+# The encoder cache holds this many steps' encoder budgets (vLLM's default: one).
+ENCODER_CACHE_STEPS = 2
 
 
 class PmodEngineConfig(VerifyAndUpdateConfig):
@@ -84,9 +89,15 @@ class PmodEngineConfig(VerifyAndUpdateConfig):
             )
             scheduler_config.max_num_batched_tokens = model_config.max_model_len
             scheduler_config.max_num_encoder_input_tokens = model_config.max_model_len
-            scheduler_config.encoder_cache_size = max(
-                scheduler_config.encoder_cache_size, model_config.max_model_len
-            )
+        # Room for two steps' images in the encoder cache. A step's images stay in the cache until
+        # the engine has the step's output; with async scheduling (vLLM's default) the next step
+        # is scheduled before that, so a cache of one step's encoder budget (vLLM's default) admits
+        # one new 672x672 LLaVA-NeXT image per step, and a p-MoD step of one image is host-bound
+        # (its routed decoder runs eagerly). Two steps' worth lets each step take what its budget
+        # allows. The cache holds image embeddings (2,928 x 4,096 bf16 = 24 MiB each).
+        scheduler_config.encoder_cache_size = max(
+            scheduler_config.encoder_cache_size, ENCODER_CACHE_STEPS * scheduler_config.max_num_encoder_input_tokens
+        )
 
         cache_config = vllm_config.cache_config
         if current_platform.is_cuda() and not cache_config.user_specified_block_size:

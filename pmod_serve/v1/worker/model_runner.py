@@ -46,7 +46,7 @@ from vllm.utils.platform_utils import is_pin_memory_available
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.utils import NULL_BLOCK_ID  # padded CUDA-graph rows point there
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
-from vllm.v1.utils import CpuGpuBuffer
+from vllm.v1.utils import CpuGpuBuffer, record_function_or_nullcontext
 
 from pmod_serve import envs
 from pmod_serve.pmod.kv_layout import RequestKVLayout, compacted_counts
@@ -333,11 +333,12 @@ class PmodRunnerMixin:
         stack.table.assign_pending(num_computed, num_computed + num_sched)
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
 
-        self._pmod_step = self._compact(stack, num_computed, num_sched)
-        self._pmod_slot_mapping(stack, self._pmod_step.num_scheduled_tokens)
-        if self._pmod_step.writes_shared:
-            stack.table.pass_written(num_reqs, self._pmod_step.end)
-        routing = self._routing_for_step(stack, num_computed, num_sched)
+        with record_function_or_nullcontext("pmod: compacted lengths, slots and routing"):
+            self._pmod_step = self._compact(stack, num_computed, num_sched)
+            self._pmod_slot_mapping(stack, self._pmod_step.num_scheduled_tokens)
+            if self._pmod_step.writes_shared:
+                stack.table.pass_written(num_reqs, self._pmod_step.end)
+            routing = self._routing_for_step(stack, num_computed, num_sched)
         self._pmod_routing = routing
         self._pmod_model().set_pmod_routing(routing)
         return result
@@ -504,7 +505,8 @@ class PmodRunnerMixin:
             raise TypeError("p-MoD: _build_attention_metadata expects keyword arguments (vLLM 0.26)")
         if kwargs.get("ubatch_slices") is not None:
             raise NotImplementedError("p-MoD: micro-batched steps are not supported")
-        return self._build_pmod_attention_metadata(stack, **kwargs), None
+        with record_function_or_nullcontext("pmod: attention metadata"):
+            return self._build_pmod_attention_metadata(stack, **kwargs), None
 
     def _build_pmod_attention_metadata(
         self,
