@@ -337,10 +337,12 @@ def profiler_config(args, engine: str) -> dict:
             "ignore_frontend": True, "max_iterations": args.profile_steps}
 
 
-def profile_window(base_url: str, args, stop: threading.Event) -> threading.Thread:
+def profile_window(base_url: str, args, run: str, stop: threading.Event) -> threading.Thread:
     """Profiles the server for `--profile-for-s` seconds, `--profile-at-s` seconds after it first
-    runs `--profile-when-running` requests: the run's steady state, not its first steps (the engine
-    gets the first requests while the API server still renders the others' images)."""
+    runs `--profile-when-running` requests (at most the run's concurrency): the run's steady state,
+    not its first steps (the engine gets the first requests while the API server still renders the
+    others' images)."""
+    running = min(args.profile_when_running, RUNS[run][1])
     def post(path: str) -> None:
         try:
             urllib.request.urlopen(urllib.request.Request(base_url + path, method="POST"), timeout=120).read()
@@ -350,7 +352,7 @@ def profile_window(base_url: str, args, stop: threading.Event) -> threading.Thre
     def window() -> None:
         while not stop.wait(0.25):
             try:
-                if scrape(base_url, timeout=2).get("vllm:num_requests_running", 0) >= args.profile_when_running:
+                if scrape(base_url, timeout=2).get("vllm:num_requests_running", 0) >= running:
                     break
             except Exception:
                 continue
@@ -473,7 +475,7 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
                                    start_new_session=True)
         _live.append(process)
         finished = threading.Event()
-        profiler = profile_window(base_url, args, finished) if run == args.profile_run else None
+        profiler = profile_window(base_url, args, run, finished) if run == args.profile_run else None
         try:
             process.wait(timeout=max(1.0, remaining - 5))
             timed_out = False
@@ -669,7 +671,8 @@ def parse_args(argv=None):
                              "its trace is summarised (benchmarks/trace_summary.py) and its numbers are left "
                              "out of the ratios")
     parser.add_argument("--profile-when-running", type=int, default=64,
-                        help="profiling starts --profile-at-s after the server first runs this many requests")
+                        help="profiling starts --profile-at-s after the server first runs this many requests "
+                             "(at most the run's concurrency)")
     parser.add_argument("--profile-at-s", type=float, default=3.0)
     parser.add_argument("--profile-for-s", type=float, default=1.5, help="seconds profiled")
     parser.add_argument("--profile-steps", type=int, default=64, help="at most this many engine steps profiled")
