@@ -94,7 +94,7 @@ class PmodEngineConfig(VerifyAndUpdateConfig):
         # is scheduled before that, so a cache of one step's encoder budget (vLLM's default) admits
         # one new 672x672 LLaVA-NeXT image per step, and a p-MoD step of one image is host-bound
         # (its routed decoder runs eagerly). Two steps' worth lets each step take what its budget
-        # allows. The cache holds image embeddings (2,928 x 4,096 bf16 = 24 MiB each).
+        # allows. The cache holds image embeddings (2,928 x 4,096 bf16 = 23 MiB each).
         scheduler_config.encoder_cache_size = max(
             scheduler_config.encoder_cache_size, ENCODER_CACHE_STEPS * scheduler_config.max_num_encoder_input_tokens
         )
