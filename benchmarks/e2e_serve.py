@@ -58,6 +58,7 @@ import urllib.request
 from pathlib import Path
 
 from benchmarks.common import CHAT_TEMPLATE, image_size
+from benchmarks.trace_summary import summarize_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -515,8 +516,6 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
     if run == args.profile_run:
         # Not a measurement (the profiler slows the engine's host): excluded from the ratios.
         entry["profiled"] = True
-        from benchmarks.trace_summary import summarize_dir
-
         entry["trace_summary"] = summarize_dir(args.out / f"trace_{engine}")
     if "error" in entry:
         entry["log_tail"] = _tail(log_path, 2000)

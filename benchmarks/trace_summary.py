@@ -1,6 +1,7 @@
 """Where a served engine's steps spend their time: a summary of the torch-profiler trace vLLM's
-worker writes (`--profiler-config '{"profiler": "torch", ...}'`, started by `vllm bench serve
---profile`; `benchmarks/e2e_serve.py --profile-run RUN` does both).
+worker writes (server started with `--profiler-config '{"profiler": "torch", ...}'`, profiler
+started and stopped through its `/start_profile` and `/stop_profile` endpoints;
+`benchmarks/e2e_serve.py --profile-run RUN` does both).
 
 For each engine step (vLLM's `execute_context_..._generation_...` annotation of `execute_model`):
 its host time, the device time of the kernels it launched, and the period to the next step; for
@@ -107,9 +108,8 @@ def summarize(events: list[dict], top: int = 12) -> dict:
         kernels = launched[index]
         device_us, _ = _union_length([(k["ts"], k["ts"] + k["dur"]) for k in kernels])
         period = steps[index + 1]["ts"] - step["ts"] if index + 1 < len(steps) else None
-        tokens = step["name"]
         per_step.append({
-            "step": tokens, "kind": _step_kind(tokens), "host_ms": step["dur"] / 1e3,
+            "step": step["name"], "kind": _step_kind(step["name"]), "host_ms": step["dur"] / 1e3,
             "device_ms": device_us / 1e3, "kernels": len(kernels),
             "period_ms": period / 1e3 if period is not None else None,
         })
