@@ -124,6 +124,8 @@ def summarize(events: list[dict], top: int = 12) -> dict:
     gaps = [(end, start) for (_, end), (start, _) in zip(merged, merged[1:]) if start > end]
     if merged and merged[0][0] > window_start:
         gaps.insert(0, (window_start, merged[0][0]))
+    if merged and merged[-1][1] < window_end:
+        gaps.append((merged[-1][1], window_end))
     idle_by_host_op: Counter = Counter()
     longest = []
     for start, end in gaps:

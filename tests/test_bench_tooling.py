@@ -227,6 +227,8 @@ def test_trace_summary_of_a_kineto_trace(tmp_path: Path) -> None:
     assert summary["window_ms"] == pytest.approx(0.16) and summary["gpu_busy_ms"] == pytest.approx(0.075)
     # Idle 0-20 us (host in aten::mm), 85-130 us (between steps, then aten::add), 140-160 us.
     assert summary["gpu_idle_ms_by_host_operator"]["gpu_model_runner: forward > aten::mm"] == pytest.approx(0.02)
+    idle = sum(summary["gpu_idle_ms_by_host_operator"].values())
+    assert idle == pytest.approx(summary["window_ms"] - summary["gpu_busy_ms"])
     assert summary["host_waits_for_gpu"] == {
         "cudaStreamSynchronize in gpu_model_runner: forward > aten::item": {"count": 1, "total_ms": 0.04}}
     assert summary["runner_phases_ms"] == {"gpu_model_runner: forward": 0.09}
