@@ -4,7 +4,8 @@ started and stopped through its `/start_profile` and `/stop_profile` endpoints;
 `benchmarks/e2e_serve.py --profile-run RUN` does both).
 
 For each engine step (vLLM's `execute_context_..._generation_...` annotation of `execute_model`):
-its host time, the device time of the kernels it launched, and the period to the next step; for
+its host time, the device time of the kernels it launched (and their time in attention, matrix
+multiplies and the rest), and the period to the next step; for
 the whole window: how much of the time the GPU was busy, the longest idle gaps with what the
 host was doing meanwhile, and every call that made the host wait for the GPU (synchronisations)
 with the operators it happened in. A host-bound engine shows as a GPU idle while the host runs
@@ -78,6 +79,28 @@ def _step_kind(name: str) -> str:
     return "decode" if context.startswith("0(") else "prefill"
 
 
+# Kernel classes by name: attention (FlashAttention, vLLM's Triton/paged attention), matrix
+# multiplies (cuBLAS/nvjet/CUTLASS GEMMs), and the rest (norms, activations, gathers, copies...).
+# Attention first: FlashAttention-3's kernels are CUTLASS device kernels too.
+KERNEL_CLASSES = (("attention", ("flash", "attn", "attention")),
+                  ("gemm", ("gemm", "nvjet", "cutlass", "cublas", "xmma")))
+
+
+def kernel_class(name: str) -> str:
+    lowered = name.lower()
+    for kind, keys in KERNEL_CLASSES:
+        if any(key in lowered for key in keys):
+            return kind
+    return "other"
+
+
+def _by_class(kernels: list[dict]) -> dict[str, float]:
+    total: Counter = Counter()
+    for kernel in kernels:
+        total[kernel_class(kernel["name"])] += kernel["dur"]
+    return {kind: total[kind] / 1e3 for kind in ("attention", "gemm", "other")}
+
+
 def summarize(events: list[dict], top: int = 12) -> dict:
     steps = sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith(STEP_PREFIX)),
                    key=lambda e: e["ts"])
@@ -111,6 +134,7 @@ def summarize(events: list[dict], top: int = 12) -> dict:
         per_step.append({
             "step": step["name"], "kind": _step_kind(step["name"]), "host_ms": step["dur"] / 1e3,
             "device_ms": device_us / 1e3, "kernels": len(kernels),
+            "kernel_ms_by_class": _by_class(kernels),
             "period_ms": period / 1e3 if period is not None else None,
         })
 
@@ -162,6 +186,8 @@ def summarize(events: list[dict], top: int = 12) -> dict:
             if values:
                 out[f"median_{key}"] = statistics.median(values)
                 out[f"total_{key}"] = sum(values)
+        for kind in ("attention", "gemm", "other"):
+            out[f"median_{kind}_kernel_ms"] = statistics.median(s["kernel_ms_by_class"][kind] for s in chosen)
         return out
 
     window_ms = (window_end - window_start) / 1e3

@@ -204,8 +204,8 @@ def _kineto_trace(path: Path) -> None:
         event("cuda_runtime", "cudaLaunchKernel", 22, 4, correlation=2),
         event("cpu_op", "aten::item", 40, 50),
         event("cuda_runtime", "cudaStreamSynchronize", 45, 40),
-        event("kernel", "gemm_a", 20, 30, gpu, correlation=1),
-        event("kernel", "gemm_b", 50, 35, gpu, correlation=2),
+        event("kernel", "nvjet_tst_gemm", 20, 30, gpu, correlation=1),
+        event("kernel", "cutlass::device_kernel<flash::FlashAttnFwdSm90<...>>", 50, 35, gpu, correlation=2),
         event("user_annotation", "execute_context_0(0)_generation_4(4)", 120, 40),
         event("cpu_op", "aten::add", 125, 5),
         event("cuda_runtime", "cudaLaunchKernel", 126, 3, correlation=3),
@@ -223,6 +223,9 @@ def test_trace_summary_of_a_kineto_trace(tmp_path: Path) -> None:
     first, second = summary["per_step"]
     assert (first["kind"], first["kernels"], first["device_ms"], first["period_ms"]) == ("prefill", 2, 0.065, 0.12)
     assert (second["kind"], second["kernels"], second["device_ms"]) == ("decode", 1, 0.01)
+    # FlashAttention-3's kernel is a CUTLASS kernel too: it counts as attention, not as a GEMM.
+    assert first["kernel_ms_by_class"] == pytest.approx({"attention": 0.035, "gemm": 0.03, "other": 0.0})
+    assert summary["decode_steps"]["median_other_kernel_ms"] == pytest.approx(0.01)
     # The window: 0 us (first step) to 160 us (the second step's end); kernels busy 65 + 10 us.
     assert summary["window_ms"] == pytest.approx(0.16) and summary["gpu_busy_ms"] == pytest.approx(0.075)
     # Idle 0-20 us (host in aten::mm), 85-130 us (between steps, then aten::add), 140-160 us.
