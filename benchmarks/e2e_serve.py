@@ -19,6 +19,12 @@ directories carry none here). Each server is driven by vLLM's own client, `vllm 
   | image_c32  | the same                                              | 32          | TPOT, requests/s  |
   | image_c256 | the same, >= 256 prompts                              | 256         | requests/s        |
   | text_c1    | random: 60 text tokens, 128 out                       | 1           | E2E, TPOT, TTFT   |
+  | image_c256_1024 | as image_c256, 1,024 prompts                     | 256         | requests/s        |
+
+`image_c256` is one burst: all 256 requests arrive at once, so its time includes the ramp (every
+image prefilled before the pool is full) and the tail (the last requests decoding alone for 128
+steps). `image_c256_1024` keeps 256 requests in flight for four times as many requests, so the
+ramp and tail weigh a quarter as much: closer to a server's steady state.
 
 Every run has its own dataset seed (the same for both servers), so both servers get identical
 requests and no run repeats another's images (no multimodal-cache or prefix-cache replays).
@@ -57,6 +63,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.common import CHAT_TEMPLATE, image_size
 from benchmarks.trace_summary import summarize_dir
 
@@ -69,9 +77,12 @@ RUNS = {
     "image_c32": ("random-mm", 32, "c32_prompts", 102),
     "image_c256": ("random-mm", 256, "c256_prompts", 103),
     "text_c1": ("random", 1, "text_prompts", 104),
+    "image_c256_1024": ("random-mm", 256, "c256_1024_prompts", 105),
 }
-DEFAULT_COUNTS = {"warmup_prompts": 8, "c1_prompts": 16, "c32_prompts": 128, "c256_prompts": 256, "text_prompts": 16}
-QUICK_COUNTS = {"warmup_prompts": 1, "c1_prompts": 2, "c32_prompts": 4, "c256_prompts": 4, "text_prompts": 2}
+DEFAULT_COUNTS = {"warmup_prompts": 8, "c1_prompts": 16, "c32_prompts": 128, "c256_prompts": 256, "text_prompts": 16,
+                  "c256_1024_prompts": 1024}
+QUICK_COUNTS = {"warmup_prompts": 1, "c1_prompts": 2, "c32_prompts": 4, "c256_prompts": 4, "text_prompts": 2,
+                "c256_1024_prompts": 8}
 
 # The bench-serve result keys kept in e2e_serve.json (the full files are saved beside it).
 KEPT_KEYS = (
@@ -380,12 +391,29 @@ def bench_command(args, run: str, base_url: str, served_name: str, result_dir: P
            "--random-range-ratio", "0",
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
            "--ready-check-timeout-sec", "0", "--num-warmups", "0", "--disable-tqdm",
-           "--save-result", "--result-dir", str(result_dir), "--result-filename", f"{engine}_{run}.json"]
+           "--save-result", "--save-detailed", "--result-dir", str(result_dir), "--result-filename", f"{engine}_{run}.json"]
     if dataset == "random-mm":
         cmd += ["--random-mm-base-items-per-request", "1", "--random-mm-num-mm-items-range-ratio", "0",
                 "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
                 "--random-mm-bucket-config", f"{{({height}, {width}, 1): 1.0}}"]
     return cmd
+
+
+def ttft_after_first_wave(data: dict, concurrency: int) -> dict:
+    """TTFT of the requests sent after the first `concurrency` (from `--save-detailed`'s
+    per-request start times and TTFTs, in ms). The first wave arrives at once and queues behind
+    its own prefills; later requests arrive as earlier ones finish, so their TTFT is what a
+    loaded server gives a request that arrives alone."""
+    starts, ttfts = data.get("start_times") or [], data.get("ttfts") or []
+    if len(starts) != len(ttfts) or len(ttfts) <= concurrency:
+        return {}
+    later = [ttft for _, ttft in sorted(zip(starts, ttfts))[concurrency:] if ttft]
+    if not later:
+        return {}
+    # Percentiles as `vllm bench serve` computes its own (numpy's linear interpolation).
+    median, p90 = np.percentile(later, [50, 90]) * 1e3
+    return {"requests_after_first_wave": len(later), "median_ttft_after_first_wave_ms": float(median),
+            "p90_ttft_after_first_wave_ms": float(p90)}
 
 
 def _tail(path: Path, chars: int = 3000) -> str:
@@ -508,6 +536,7 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
     if result_file.exists() and not timed_out:
         data = json.loads(result_file.read_text())
         entry.update({k: data.get(k) for k in KEPT_KEYS if k in data})
+        entry.update(ttft_after_first_wave(data, RUNS[run][1]))
         entry["result_file"] = result_file.name
         if entry.get("completed") and entry.get("prompt_tokens_total_delta"):
             entry["server_prompt_tokens_per_request"] = entry["prompt_tokens_total_delta"] / entry["completed"]
@@ -541,6 +570,8 @@ RATIOS = {
     "text_only_c1": ("text_c1", "median_e2el_ms"),
     # extra context
     "throughput_c32": ("image_c32", "request_throughput"),
+    "throughput_c256_1024_prompts": ("image_c256_1024", "request_throughput"),
+    "ttft_c32_after_first_wave": ("image_c32", "median_ttft_after_first_wave_ms"),
     "text_only_tpot_c1": ("text_c1", "median_tpot_ms"),
     "text_only_ttft_c1": ("text_c1", "median_ttft_ms"),
     "kv_per_request": ("image_c1", "peak_kv_cache_usage"),
@@ -609,10 +640,13 @@ def vllm_version() -> str | None:
 def print_table(report: dict) -> None:
     rows = [("TTFT c=1 (ms)", "image_c1", "median_ttft_ms"), ("TPOT c=1 (ms)", "image_c1", "median_tpot_ms"),
             ("TPOT c=32 (ms)", "image_c32", "median_tpot_ms"), ("req/s c=32", "image_c32", "request_throughput"),
-            ("req/s c=256", "image_c256", "request_throughput"), ("text E2E c=1 (ms)", "text_c1", "median_e2el_ms"),
+            ("req/s c=256", "image_c256", "request_throughput"),
+            ("req/s c=256, 1024 prompts", "image_c256_1024", "request_throughput"),
+            ("TTFT c=32 later (ms)", "image_c32", "median_ttft_after_first_wave_ms"),
+            ("text E2E c=1 (ms)", "text_c1", "median_e2el_ms"),
             ("text TPOT c=1 (ms)", "text_c1", "median_tpot_ms"), ("text TTFT c=1 (ms)", "text_c1", "median_ttft_ms"),
             ("peak KV usage c=1", "image_c1", "peak_kv_cache_usage")]
-    print(f"\n{'':22}{'p-MoD':>12}{'baseline':>12}{'ratio':>10}")
+    print(f"\n{'':26}{'p-MoD':>12}{'baseline':>12}{'ratio':>10}")
     for title, run, key in rows:
         p = report["pmod"].get("runs", {}).get(run, {}).get(key)
         b = report["baseline"].get("runs", {}).get(run, {}).get(key)
@@ -620,7 +654,7 @@ def print_table(report: dict) -> None:
 
         def fmt(v):
             return "-" if not isinstance(v, (int, float)) else f"{v:.4g}"
-        print(f"{title:22}{fmt(p):>12}{fmt(b):>12}{fmt(r):>10}")
+        print(f"{title:26}{fmt(p):>12}{fmt(b):>12}{fmt(r):>10}")
     for engine in ("pmod", "baseline"):
         if report[engine].get("error"):
             print(f"{engine}: {report[engine]['error']}")

@@ -60,13 +60,26 @@ def test_bench_serve_commands_parse_with_vllms_own_parser(tmp_path: Path) -> Non
         assert parsed.dataset_name == dataset and parsed.max_concurrency == concurrency
         assert parsed.num_prompts == getattr(args, count_flag) and parsed.seed == seed
         assert parsed.ignore_eos and parsed.random_input_len == 60 and parsed.random_output_len == 128
-        assert parsed.backend == "openai-chat" and parsed.save_result
+        assert parsed.backend == "openai-chat" and parsed.save_result and parsed.save_detailed
         if dataset == "random-mm":
             assert parsed.random_mm_bucket_config == {(672, 672, 1): 1.0}
             assert parsed.random_mm_base_items_per_request == 1
             assert parsed.random_mm_limit_mm_per_prompt == {"image": 1, "video": 0}
     assert _e2e_args(tmp_path, "--quick").c256_prompts < e2e_serve.DEFAULT_COUNTS["c256_prompts"]
     assert e2e_serve.DEFAULT_COUNTS["c256_prompts"] >= 256
+    assert e2e_serve.DEFAULT_COUNTS["c256_1024_prompts"] == 1024 and e2e_serve.RUNS["image_c256_1024"][1] == 256
+
+
+def test_ttft_after_the_first_wave() -> None:
+    # Concurrency 2: requests 0 and 1 start at once (the first wave); 2-4 start as others finish.
+    # Detailed results list requests in completion order, with start times in seconds.
+    data = {"start_times": [0.0, 5.0, 0.0, 3.0, 4.0], "ttfts": [0.9, 0.2, 1.5, 0.1, 0.3]}
+    later = e2e_serve.ttft_after_first_wave(data, concurrency=2)
+    # Later requests (starts 3, 4, 5 s): TTFTs 0.1, 0.3, 0.2 s; percentiles interpolate as numpy's.
+    assert later == {"requests_after_first_wave": 3, "median_ttft_after_first_wave_ms": pytest.approx(200.0),
+                     "p90_ttft_after_first_wave_ms": pytest.approx(280.0)}
+    assert e2e_serve.ttft_after_first_wave({"ttfts": [0.1]}, concurrency=2) == {}  # not detailed
+    assert e2e_serve.ttft_after_first_wave(data, concurrency=5) == {}  # no later request
 
 
 def test_server_commands(tmp_path: Path) -> None:
