@@ -402,8 +402,7 @@ def bench_command(args, run: str, base_url: str, served_name: str, result_dir: P
 def ttft_after_first_wave(data: dict, concurrency: int) -> dict:
     """TTFT of the requests sent after the first `concurrency` (from `--save-detailed`'s
     per-request start times and TTFTs, in ms). The first wave arrives at once and queues behind
-    its own prefills; later requests arrive as earlier ones finish, so their TTFT is what a
-    loaded server gives a request that arrives alone."""
+    its own prefills; later requests arrive as earlier ones finish, into a loaded server."""
     starts, ttfts = data.get("start_times") or [], data.get("ttfts") or []
     if len(starts) != len(ttfts) or len(ttfts) <= concurrency:
         return {}
