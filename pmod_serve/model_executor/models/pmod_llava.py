@@ -132,7 +132,10 @@ class PmodMultiModalProcessor(BaseMultiModalProcessor[PmodProcessingInfo]):
                               hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
         return dict(
             pixel_values=MultiModalFieldConfig.batched("image"),
-            image_sizes=MultiModalFieldConfig.batched("image"),
+            # Read on the host (`embed_multimodal` stitches each image's tiles by its size): kept
+            # on the CPU, as vLLM's LLaVA-NeXT does, since reading a device copy would make every
+            # image step wait for the GPU to finish the work queued before it.
+            image_sizes=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
         )
 
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
