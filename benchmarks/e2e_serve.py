@@ -30,7 +30,10 @@ Every run has its own dataset seed (the same for both servers), so both servers 
 requests and no run repeats another's images (no multimodal-cache or prefix-cache replays).
 While each run goes, /metrics is polled (every --poll-s seconds) for vLLM's
 `vllm:kv_cache_usage_perc` and running requests: the peak usage during `image_c1` is the KV
-cache one standard request holds (as a fraction of that server's pool).
+cache one standard request holds (as a fraction of that server's pool). Scrapes before and after
+each run give vLLM's server-side latency means and the engine's steps in the run
+(`engine_step_counts`: steps, prompt and generated tokens per step, wall ms per step, preemptions):
+at c=256 a step's time is what every decoding request waits per token.
 
     python -m benchmarks.e2e_serve --out OUT_DIR                      # GPU, both servers
     python -m benchmarks.e2e_serve --out OUT_DIR --quick --tiny --baseline pmod-dense   # CPU dry run
@@ -217,6 +220,25 @@ def server_latency_means_ms(before: dict[str, float], after: dict[str, float]) -
         if count > 0:
             means[name] = 1000.0 * (after.get(f"{metric}_sum", 0.0) - before.get(f"{metric}_sum", 0.0)) / count
     return means
+
+
+def engine_step_counts(before: dict[str, float], after: dict[str, float], duration_s: float | None) -> dict:
+    """What the engine did between two scrapes: its steps (`vllm:iteration_tokens_total`, one
+    observation per engine step), tokens per step, the run's wall time per step, and preemptions.
+    A step's time is what a decoding request waits per token; tokens per step say how much
+    prefill rode in each (a 672x672 image is ~3,000 prompt tokens)."""
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    steps = delta("vllm:iteration_tokens_total_count")
+    counts: dict = {"preemptions": delta("vllm:num_preemptions_total"), "engine_steps": steps}
+    if steps > 0:
+        counts["tokens_per_step"] = delta("vllm:iteration_tokens_total_sum") / steps
+        counts["prompt_tokens_per_step"] = delta("vllm:prompt_tokens_total") / steps
+        counts["generation_tokens_per_step"] = delta("vllm:generation_tokens_total") / steps
+        if duration_s:
+            counts["wall_ms_per_step"] = 1000.0 * duration_s / steps
+    return counts
 
 
 def cache_config_of(text: str) -> dict[str, str]:
@@ -527,6 +549,7 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
             if key in after:
                 entry[key.split(":", 1)[1] + "_delta"] = after[key] - before.get(key, 0.0)
         entry["server_mean_latency_ms"] = server_latency_means_ms(before, after)
+        entry["engine_steps"] = engine_step_counts(before, after, None)
     except Exception:
         pass
     result_file = args.out / f"{engine}_{run}.json"
@@ -536,6 +559,10 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
         data = json.loads(result_file.read_text())
         entry.update({k: data.get(k) for k in KEPT_KEYS if k in data})
         entry.update(ttft_after_first_wave(data, RUNS[run][1]))
+        steps = entry.get("engine_steps", {}).get("engine_steps")
+        if steps and data.get("duration"):
+            # The benchmark's duration (first request sent to last answer): the engine's busy span.
+            entry["engine_steps"]["wall_ms_per_step"] = 1000.0 * data["duration"] / steps
         entry["result_file"] = result_file.name
         if entry.get("completed") and entry.get("prompt_tokens_total_delta"):
             entry["server_prompt_tokens_per_request"] = entry["prompt_tokens_total_delta"] / entry["completed"]
@@ -552,7 +579,8 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
         _log(f"{engine}: {run}: ttft {entry.get('median_ttft_ms')} ms, tpot {entry.get('median_tpot_ms')} ms, "
              f"e2el {entry.get('median_e2el_ms')} ms, {entry.get('request_throughput')} req/s, "
              f"peak KV {entry['peak_kv_cache_usage']}; server means (ms): "
-             + ", ".join(f"{k} {v:.1f}" for k, v in entry.get("server_mean_latency_ms", {}).items()))
+             + ", ".join(f"{k} {v:.1f}" for k, v in entry.get("server_mean_latency_ms", {}).items())
+             + "; engine steps: " + ", ".join(f"{k} {v:.1f}" for k, v in entry.get("engine_steps", {}).items()))
     return entry
 
 

@@ -4,6 +4,7 @@ Issue 13, "Measure" 1. A benchmark, not a test: it prints a table and writes JSO
 
     python -m benchmarks.host_overhead --out benchmarks/results/host_overhead_cpu.json
     python -m benchmarks.host_overhead --kinds prefill --repeats 3 --out benchmarks/results/host_overhead_prefill_cpu.json
+    python -m benchmarks.host_overhead --kinds mixed --block-size 32 --out benchmarks/results/host_overhead_mixed_cpu.json
 
 Models: the tiny released-layout checkpoint with the released 32-layer PRD schedule (layers 8-31
 are p-MoD layers; `model_registry.tiny`, variant next, seed 0, the same build as
@@ -293,6 +294,46 @@ def _measure_prefill(llm, timers: StepTimers, batch: int, args, seed0: int, ques
     return result
 
 
+def _measure_mixed(llm, timers: StepTimers, batch: int, args, seed0: int, question: str) -> dict:
+    """Host time of the steady state of a loaded image server (c=256 in benchmarks/e2e_serve.py):
+    `batch` requests decoding, and every step admits one new image request of
+    --prefill-image-size and prefills it whole beside their decodes (a routed step). The new
+    request asks for one token, so it leaves in the step that prefills it, as a finished request
+    leaves a full KV cache for each admitted one. Timed over the steps that schedule prompt tokens."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    decoding = _requests("image", batch, seed0, question, args.image_size)
+    ids = [f"mixed-{batch}-{seed0}-{i}" for i in range(batch)]
+    for req_id, prompt in zip(ids, decoding):
+        engine.add_request(req_id, prompt, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=0.0))
+    steps = 0
+    steady_run = 0
+    while steady_run < args.warmup:
+        engine.step()
+        steps += 1
+        steady_run = steady_run + 1 if timers.last_schedule == (batch, batch) else 0
+        if steps > args.max_prefill_steps:
+            raise RuntimeError(f"mixed x{batch}: not all requests decoding after {steps} steps")
+    timers.reset()
+    arriving = _requests("image", args.steps, seed0 + batch, question, args.prefill_image_size)
+    for index, prompt in enumerate(arriving):
+        engine.add_request(f"mixed-{batch}-{seed0}-new-{index}", prompt,
+                           SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0))
+        timers.recording = True
+        start = time.perf_counter()
+        engine.step()
+        timers.records["step_wall"].append(time.perf_counter() - start)
+        timers.recording = False
+    result = _summarise(timers, batch + 1, only_prefill=True)
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    result.update({"batch": batch, "kind": "mixed", "image_size": "x".join(map(str, args.prefill_image_size)),
+                   "decoding_image_size": "x".join(map(str, args.image_size))})
+    return result
+
+
 def run_worker(args) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -309,7 +350,8 @@ def run_worker(args) -> None:
 
     start = time.perf_counter()
     llm = LLM(model=str(args.checkpoint), dtype="float32", seed=0, max_model_len=args.max_model_len,
-              max_num_seqs=max(args.batch_sizes), block_size=args.block_size)
+              # mixed: N decoding requests and the one being admitted.
+              max_num_seqs=max(args.batch_sizes) + ("mixed" in args.kinds), block_size=args.block_size)
     engine_start_s = time.perf_counter() - start
     core, scheduler, runner = _engine_parts(llm)
     timers = StepTimers()
@@ -352,6 +394,8 @@ def run_worker(args) -> None:
         for batch in _batch_sizes(vars(args), kind):
             if kind == "prefill":
                 result = _measure_prefill(llm, timers, batch, args, 50_000 + seed, question)
+            elif kind == "mixed":
+                result = _measure_mixed(llm, timers, batch, args, 70_000 + seed, question)
             else:
                 result = _measure(llm, timers, kind, batch, args, seed, question)
             seed += batch
@@ -359,7 +403,7 @@ def run_worker(args) -> None:
             med = result["median_ms"]
             print(f"[host_overhead] {args.label} {kind} x{batch}: scheduler {med['scheduler']:.3f} ms, "
                   f"runner host {med['runner_host']:.3f} ms, forward {med['forward'] or 0:.3f} ms "
-                  + (f"({med['steps']} prefill steps)" if kind == "prefill"
+                  + (f"({med['steps']} prefill steps)" if kind in ("prefill", "mixed")
                      else f"({med['steady_steps']}/{med['steps']} steady steps)"), flush=True)
     Path(args.result).write_text(json.dumps(info, indent=2) + "\n")
     # In-process engines do not always shut down cleanly; the process exits here.
@@ -452,6 +496,9 @@ def print_table(report: dict) -> None:
         if kind == "prefill":
             print(f"\nprefill: N image requests of {settings.get('prefill_image_size')} submitted at once "
                   "(per-step medians over the steps that schedule prompt tokens)")
+        elif kind == "mixed":
+            print(f"\nmixed: N requests decoding, one new {settings.get('prefill_image_size')} image request "
+                  "prefilled in every step (per-step medians over those steps)")
         else:
             print(f"\n{kind} requests (per-step medians over decode steps, all requests running)")
         header = f"{'':36}" + "".join(f"{'N=' + str(b):>24}" for b in batch_sizes)
@@ -486,7 +533,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-sizes", type=lambda s: tuple(int(x) for x in s.split(",")),
                         default=DEFAULT_BATCH_SIZES)
     parser.add_argument("--kinds", type=lambda s: tuple(s.split(",")), default=("image", "text"),
-                        help="image,text,prefill (prefill: the steps that prefill image requests)")
+                        help="image,text,prefill,mixed (prefill: the steps that prefill image requests; "
+                             "mixed: N requests decoding while each step prefills one new image request)")
     parser.add_argument("--prefill-batch-sizes", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 4))
     parser.add_argument("--prefill-image-size", type=image_size, default=image_size("672x672"),
                         help="the standard 2928-visual-token request")

@@ -248,3 +248,24 @@ def test_trace_summary_of_a_kineto_trace(tmp_path: Path) -> None:
     assert summary["host_waits_for_gpu"] == {
         "cudaStreamSynchronize in gpu_model_runner: forward > aten::item": {"count": 1, "total_ms": 0.04}}
     assert summary["runner_phases_ms"] == {"gpu_model_runner: forward": 0.09}
+
+
+def test_engine_step_counts_from_vllms_iteration_histogram() -> None:
+    # vLLM observes vllm:iteration_tokens_total once per engine step: its _count is the steps.
+    def scrape(steps, tokens, prompt, generated, preemptions):
+        return e2e_serve.summed_samples("\n".join([
+            f'vllm:iteration_tokens_total_bucket{{engine="0",le="8192.0",model_name="m"}} {steps}',
+            f'vllm:iteration_tokens_total_count{{engine="0",model_name="m"}} {steps}',
+            f'vllm:iteration_tokens_total_sum{{engine="0",model_name="m"}} {tokens}',
+            f'vllm:prompt_tokens_total{{engine="0",model_name="m"}} {prompt}',
+            f'vllm:generation_tokens_total{{engine="0",model_name="m"}} {generated}',
+            f'vllm:num_preemptions_total{{engine="0",model_name="m"}} {preemptions}',
+        ]))
+
+    before = scrape(10, 5000, 4000, 1000, 1)
+    after = scrape(110, 5000 + 3000 * 10 + 128 * 100, 4000 + 30000, 1000 + 12800, 4)
+    counts = e2e_serve.engine_step_counts(before, after, 8.5)
+    assert counts["engine_steps"] == 100 and counts["preemptions"] == 3
+    assert counts["prompt_tokens_per_step"] == 300 and counts["generation_tokens_per_step"] == 128
+    assert counts["tokens_per_step"] == 428 and counts["wall_ms_per_step"] == pytest.approx(85.0)
+    assert e2e_serve.engine_step_counts(after, after, 8.5) == {"preemptions": 0.0, "engine_steps": 0.0}
