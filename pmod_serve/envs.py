@@ -48,6 +48,10 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # where one build per step serves them all (pmod_serve.v1.worker.model_runner.
     # _derived_class_fields); for A/B checks of the two paths.
     "PMOD_ATTENTION_METADATA_PER_CLASS": lambda: os.environ.get("PMOD_ATTENTION_METADATA_PER_CLASS") == "1",
+    # "1": when the KV cache has room for one waiting image request but not two, hold image
+    # admissions for one step so that the next routed step prefills two images (pmod_serve.v1.
+    # core.sched.scheduler). Experimental: a routed step's host cost is nearly fixed per step.
+    "PMOD_COALESCE_IMAGE_ADMISSIONS": lambda: os.environ.get("PMOD_COALESCE_IMAGE_ADMISSIONS") == "1",
     # Show the demo server's log on the terminal (`make demo`).
     "PMOD_DEMO_VERBOSE": lambda: bool(os.environ.get("PMOD_DEMO_VERBOSE")),
 }

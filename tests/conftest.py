@@ -363,6 +363,14 @@ def llm_two_images_per_step(tiny_next):
 
 
 @pytest.fixture(scope="session")
+def llm_kv_bound(tiny_next):
+    """Two 672x672 images per step (8192 tokens) and 32-token blocks in a pool of 5,200
+    layer-blocks: three such requests fit (~1,650 blocks each), a fourth waits, as in a loaded
+    server whose KV cache is full."""
+    return make_llm(tiny_next, max_num_batched_tokens=8192, block_size=32, num_gpu_blocks_override=5200)
+
+
+@pytest.fixture(scope="session")
 def llm_prefix_small_pool(tiny_v15):
     """32-token blocks and 1056 layer-blocks (about one 1024-token request in a dense layout,
     vLLM's start-up minimum): requests sharing an image prefix still preempt each other."""

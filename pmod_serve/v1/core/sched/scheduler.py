@@ -7,13 +7,16 @@ also keeps each request's target ranges where the p-MoD KV-cache managers read t
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
+from pmod_serve import envs
 from pmod_serve.pmod.targets import RequestTargets, TargetPolicy
 from pmod_serve.transformers_utils.vision_tower import image_layout_of
 from pmod_serve.v1.core.kv_accounting import kv_usage, request_kv
@@ -55,6 +58,8 @@ class PmodSchedulerMixin:
         # Requests with images whose prefill has not been counted in the metrics yet.
         self._awaiting_prefill: dict[str, Request] = {}
         self._usage_published_at = 0.0
+        self.coalesce_image_admissions = envs.PMOD_COALESCE_IMAGE_ADMISSIONS
+        self.image_admissions_held = False  # the last step held them (at most one step in a row)
 
     def add_request(self, request: Request) -> None:
         if request.request_id not in self.request_targets:
@@ -110,10 +115,53 @@ class PmodSchedulerMixin:
 
     # --- metrics: what the block tables hold -------------------------------------------------
 
-    def schedule(self, *args, **kwargs):
-        output = super().schedule(*args, **kwargs)
+    def schedule(self, throttle_prefills: bool = False):
+        hold = not throttle_prefills and self.coalesce_image_admissions and self._hold_image_admissions()
+        if hold:
+            # vLLM's prefill throttle (built for data-parallel balancing) runs the step's decodes
+            # and defers every prefill. It stands down when the waiting queue is saturated,
+            # which is exactly the case here, hence its flag is lifted for this one step.
+            capacity_bound = self.prefill_capacity_bound
+            self.prefill_capacity_bound = False
+            try:
+                output = super().schedule(throttle_prefills=True)
+            finally:
+                self.prefill_capacity_bound = capacity_bound
+        else:
+            output = super().schedule(throttle_prefills=throttle_prefills)
+        self.image_admissions_held = hold
         self._publish_usage()
         return output
+
+    def _hold_image_admissions(self) -> bool:
+        """Whether this step should admit no new image request (PMOD_COALESCE_IMAGE_ADMISSIONS).
+
+        Under load the KV cache is full and frees about one request's blocks per step, so each
+        routed step would prefill one image; its host cost (the routed decoder's launches, the
+        vision tower's) is nearly the same for two. So when the pool has room for the first
+        waiting image request but not for the second, and one step could prefill both, the step
+        runs the decodes alone and the next one admits the two. Never two steps in a row."""
+        if self.image_admissions_held or self.policy != SchedulingPolicy.FCFS or self.skipped_waiting:
+            return False
+        first, second = (list(itertools.islice(self.waiting, 2)) + [None, None])[:2]
+        if first is None or second is None or not (first.mm_features and second.mm_features):
+            return False
+        if first.num_computed_tokens or second.num_computed_tokens:
+            return False  # preempted requests resume at once
+        if not any(not request.is_prefill_chunk for request in self.running):
+            return False  # nothing to decode: holding would only idle the GPU
+        both_tokens = first.num_tokens + second.num_tokens
+        both_images = sum(request.get_num_encoder_embeds(index)
+                          for request in (first, second) for index in range(len(request.mm_features)))
+        if (both_tokens + len(self.running) > self.max_num_scheduled_tokens
+                or both_images > self.max_num_encoder_input_tokens):
+            return False  # one step could not prefill both anyway
+        free = self.kv_cache_manager.block_pool.get_num_free_blocks() - self.kv_cache_manager.watermark_blocks
+        first_blocks, second_blocks = (
+            self.pmod_kv_manager.layouts[request.request_id].total_blocks(min(request.num_tokens, self.max_model_len))
+            for request in (first, second)
+        )
+        return first_blocks <= free < first_blocks + second_blocks
 
     def update_from_output(self, *args, **kwargs):
         outputs = super().update_from_output(*args, **kwargs)
