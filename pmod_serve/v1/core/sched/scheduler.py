@@ -140,28 +140,41 @@ class PmodSchedulerMixin:
         routed step would prefill one image; its host cost (the routed decoder's launches, the
         vision tower's) is nearly the same for two. So when the pool has room for the first
         waiting image request but not for the second, and one step could prefill both, the step
-        runs the decodes alone and the next one admits the two. Never two steps in a row."""
+        runs the decodes alone and the next one admits the two. Never two steps in a row, so no
+        request waits more than one step longer (preempted ones included: under KV pressure vLLM
+        admits requests with their few pre-image tokens and preempts them back, so a preempted
+        image request is usually a fresh one)."""
         if self.image_admissions_held or self.policy != SchedulingPolicy.FCFS or self.skipped_waiting:
             return False
-        first, second = (list(itertools.islice(self.waiting, 2)) + [None, None])[:2]
-        if first is None or second is None or not (first.mm_features and second.mm_features):
-            return False
-        if first.num_computed_tokens or second.num_computed_tokens:
-            return False  # preempted requests resume at once
         if not any(not request.is_prefill_chunk for request in self.running):
             return False  # nothing to decode: holding would only idle the GPU
-        both_tokens = first.num_tokens + second.num_tokens
+        # The next two image prefills, in the order the scheduler takes them: running requests
+        # admitted with only their pre-image tokens, then the waiting queue.
+        pending = (request for request in itertools.chain(self.running, self.waiting)
+                   if request.mm_features and request.num_computed_tokens < self._visual_end(request))
+        first, second = (list(itertools.islice(pending, 2)) + [None, None])[:2]
+        if second is None:
+            return False
+        both_tokens = (first.num_tokens - first.num_computed_tokens) + (second.num_tokens - second.num_computed_tokens)
         both_images = sum(request.get_num_encoder_embeds(index)
                           for request in (first, second) for index in range(len(request.mm_features)))
         if (both_tokens + len(self.running) > self.max_num_scheduled_tokens
                 or both_images > self.max_num_encoder_input_tokens):
             return False  # one step could not prefill both anyway
         free = self.kv_cache_manager.block_pool.get_num_free_blocks() - self.kv_cache_manager.watermark_blocks
-        first_blocks, second_blocks = (
-            self.pmod_kv_manager.layouts[request.request_id].total_blocks(min(request.num_tokens, self.max_model_len))
-            for request in (first, second)
-        )
+        first_blocks, second_blocks = (self._blocks_to_finish_prompt(request) for request in (first, second))
         return first_blocks <= free < first_blocks + second_blocks
+
+    def _visual_end(self, request: Request) -> int:
+        targets = self.request_targets.get(request.request_id)
+        return targets.span[1] if targets is not None else 0
+
+    def _blocks_to_finish_prompt(self, request: Request) -> int:
+        """Blocks of all layers the request still needs for its whole prompt (as vLLM's
+        admission gate counts them: prefix-cache hits not deducted)."""
+        layout = self.pmod_kv_manager.layouts[request.request_id]
+        return (layout.total_blocks(min(request.num_tokens, self.max_model_len))
+                - layout.total_blocks(request.num_computed_tokens))
 
     def update_from_output(self, *args, **kwargs):
         outputs = super().update_from_output(*args, **kwargs)
