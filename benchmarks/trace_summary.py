@@ -126,6 +126,15 @@ def summarize(events: list[dict], top: int = 12) -> dict:
         if index >= 0 and call["ts"] <= steps[index]["ts"] + steps[index]["dur"]:
             launched[index] += gpu_by_correlation.get(call.get("args", {}).get("correlation"), [])
 
+    # The runner's and scheduler's named phases (vLLM's record_function annotations) per step.
+    phases_in_step: dict[int, Counter] = defaultdict(Counter)
+    for e in host_ops:
+        if e.get("cat") != "user_annotation" or e["name"].startswith(STEP_PREFIX):
+            continue
+        index = bisect.bisect_right(step_starts, e["ts"]) - 1
+        if index >= 0 and e["ts"] <= steps[index]["ts"] + steps[index]["dur"]:
+            phases_in_step[index][e["name"]] += e["dur"]
+
     per_step = []
     for index, step in enumerate(steps):
         kernels = launched[index]
@@ -135,6 +144,7 @@ def summarize(events: list[dict], top: int = 12) -> dict:
             "step": step["name"], "kind": _step_kind(step["name"]), "host_ms": step["dur"] / 1e3,
             "device_ms": device_us / 1e3, "kernels": len(kernels),
             "kernel_ms_by_class": _by_class(kernels),
+            "host_phases_ms": {name: us / 1e3 for name, us in phases_in_step[index].most_common()},
             "period_ms": period / 1e3 if period is not None else None,
         })
 
@@ -188,6 +198,13 @@ def summarize(events: list[dict], top: int = 12) -> dict:
                 out[f"total_{key}"] = sum(values)
         for kind in ("attention", "gemm", "other"):
             out[f"median_{kind}_kernel_ms"] = statistics.median(s["kernel_ms_by_class"][kind] for s in chosen)
+        # Where a step's host time goes, by phase (a phase absent from a step counts 0 there).
+        names = Counter()
+        for step in chosen:
+            names.update(step["host_phases_ms"])
+        out["median_host_phase_ms"] = {
+            name: statistics.median(step["host_phases_ms"].get(name, 0.0) for step in chosen)
+            for name, _ in names.most_common(top)}
         return out
 
     window_ms = (window_end - window_start) / 1e3

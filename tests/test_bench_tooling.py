@@ -248,6 +248,10 @@ def test_trace_summary_of_a_kineto_trace(tmp_path: Path) -> None:
     assert summary["host_waits_for_gpu"] == {
         "cudaStreamSynchronize in gpu_model_runner: forward > aten::item": {"count": 1, "total_ms": 0.04}}
     assert summary["runner_phases_ms"] == {"gpu_model_runner: forward": 0.09}
+    # Per step and per kind of step: the prefill step's forward phase, none in the decode step.
+    assert first["host_phases_ms"] == {"gpu_model_runner: forward": 0.09} and second["host_phases_ms"] == {}
+    assert summary["prefill_steps"]["median_host_phase_ms"] == {"gpu_model_runner: forward": 0.09}
+    assert summary["decode_steps"]["median_host_phase_ms"] == {}
 
 
 def test_engine_step_counts_from_vllms_iteration_histogram() -> None:
