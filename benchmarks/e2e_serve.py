@@ -543,15 +543,16 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
         blocks = cache_config_labels(base_url).get("num_gpu_blocks", "")
         if blocks.isdigit():
             entry["kv_metrics_per_engine"] = kv_metrics_agreement(poller.per_engine, int(blocks))
+    after = None
     try:
         after = scrape(base_url)
         for key in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total"):
             if key in after:
                 entry[key.split(":", 1)[1] + "_delta"] = after[key] - before.get(key, 0.0)
         entry["server_mean_latency_ms"] = server_latency_means_ms(before, after)
-        entry["engine_steps"] = engine_step_counts(before, after, None)
     except Exception:
         pass
+    duration_s = None
     result_file = args.out / f"{engine}_{run}.json"
     if timed_out:
         entry["error"] = "vllm bench serve ran past the deadline and was stopped"
@@ -559,15 +560,15 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
         data = json.loads(result_file.read_text())
         entry.update({k: data.get(k) for k in KEPT_KEYS if k in data})
         entry.update(ttft_after_first_wave(data, RUNS[run][1]))
-        steps = entry.get("engine_steps", {}).get("engine_steps")
-        if steps and data.get("duration"):
-            # The benchmark's duration (first request sent to last answer): the engine's busy span.
-            entry["engine_steps"]["wall_ms_per_step"] = 1000.0 * data["duration"] / steps
+        # The benchmark's duration (first request sent to last answer): the engine's busy span.
+        duration_s = data.get("duration")
         entry["result_file"] = result_file.name
         if entry.get("completed") and entry.get("prompt_tokens_total_delta"):
             entry["server_prompt_tokens_per_request"] = entry["prompt_tokens_total_delta"] / entry["completed"]
     elif "error" not in entry:
         entry["error"] = f"vllm bench serve exited with {process.returncode} and wrote no result"
+    if after is not None:
+        entry["engine_steps"] = engine_step_counts(before, after, duration_s)
     if run == args.profile_run:
         # Not a measurement (the profiler slows the engine's host): excluded from the ratios.
         entry["profiled"] = True

@@ -203,6 +203,21 @@ def _requests(kind: str, batch: int, seed0: int, question: str, image_size: tupl
             for i in range(batch)]
 
 
+def _step_until_all_decoding(engine, timers: StepTimers, batch: int, args, label: str) -> int:
+    """Steps the engine until --warmup steps in a row each schedule `batch` requests of one token
+    (all of them decoding); returns the steps taken."""
+    steps = 0
+    steady_run = 0
+    while steady_run < args.warmup:
+        engine.step()
+        steps += 1
+        steady_run = steady_run + 1 if timers.last_schedule == (batch, batch) else 0
+        if steps > args.max_prefill_steps:
+            raise RuntimeError(f"{label}: not all requests decoding after {steps} steps "
+                               f"(last step scheduled {timers.last_schedule}); KV pool too small?")
+    return steps
+
+
 def _measure(llm, timers: StepTimers, kind: str, batch: int, args, seed0: int, question: str) -> dict:
     from vllm import SamplingParams
 
@@ -216,19 +231,8 @@ def _measure(llm, timers: StepTimers, kind: str, batch: int, args, seed0: int, q
         engine.add_request(req_id, prompt, params)
     submitted = time.perf_counter()
     timers.recording = False
-    steps_to_steady = 0
-    steady_run = 0
     prompt_tokens = None
-    while steady_run < args.warmup:
-        engine.step()
-        steps_to_steady += 1
-        if timers.last_schedule == (batch, batch):
-            steady_run += 1
-        else:
-            steady_run = 0
-        if steps_to_steady > args.max_prefill_steps:
-            raise RuntimeError(f"{kind} x{batch}: not all requests decoding after {steps_to_steady} steps "
-                               f"(last step scheduled {timers.last_schedule}); KV pool too small?")
+    steps_to_steady = _step_until_all_decoding(engine, timers, batch, args, f"{kind} x{batch}")
     steady_at = time.perf_counter()
     scheduler = _engine_parts(llm)[1]
     running = len(scheduler.running)
@@ -307,14 +311,7 @@ def _measure_mixed(llm, timers: StepTimers, batch: int, args, seed0: int, questi
     ids = [f"mixed-{batch}-{seed0}-{i}" for i in range(batch)]
     for req_id, prompt in zip(ids, decoding):
         engine.add_request(req_id, prompt, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=0.0))
-    steps = 0
-    steady_run = 0
-    while steady_run < args.warmup:
-        engine.step()
-        steps += 1
-        steady_run = steady_run + 1 if timers.last_schedule == (batch, batch) else 0
-        if steps > args.max_prefill_steps:
-            raise RuntimeError(f"mixed x{batch}: not all requests decoding after {steps} steps")
+    _step_until_all_decoding(engine, timers, batch, args, f"mixed x{batch}")
     timers.reset()
     arriving = _requests("image", args.steps, seed0 + batch, question, args.prefill_image_size)
     for index, prompt in enumerate(arriving):

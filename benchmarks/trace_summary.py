@@ -118,12 +118,18 @@ def summarize(events: list[dict], top: int = 12) -> dict:
 
     # Kernels per step: those launched by runtime calls inside the step's annotation.
     step_starts = [s["ts"] for s in steps]
+
+    def step_at(ts: float) -> int | None:
+        """Index of the step whose annotation spans host time `ts`, if any."""
+        index = bisect.bisect_right(step_starts, ts) - 1
+        return index if index >= 0 and ts <= steps[index]["ts"] + steps[index]["dur"] else None
+
     launched = defaultdict(list)
     for call in runtime:
         if (call["pid"], call["tid"]) != thread:
             continue
-        index = bisect.bisect_right(step_starts, call["ts"]) - 1
-        if index >= 0 and call["ts"] <= steps[index]["ts"] + steps[index]["dur"]:
+        index = step_at(call["ts"])
+        if index is not None:
             launched[index] += gpu_by_correlation.get(call.get("args", {}).get("correlation"), [])
 
     # The runner's and scheduler's named phases (vLLM's record_function annotations) per step.
@@ -131,8 +137,8 @@ def summarize(events: list[dict], top: int = 12) -> dict:
     for e in host_ops:
         if e.get("cat") != "user_annotation" or e["name"].startswith(STEP_PREFIX):
             continue
-        index = bisect.bisect_right(step_starts, e["ts"]) - 1
-        if index >= 0 and e["ts"] <= steps[index]["ts"] + steps[index]["dur"]:
+        index = step_at(e["ts"])
+        if index is not None:
             phases_in_step[index][e["name"]] += e["dur"]
 
     per_step = []

@@ -113,7 +113,7 @@ class PmodSchedulerMixin:
         if not self.requests:
             self._publish_usage(force=True)  # an idle engine may not schedule again soon
 
-    # --- metrics: what the block tables hold -------------------------------------------------
+    # --- scheduling: the step's admissions (and the metrics after it) ----------------------
 
     def schedule(self, throttle_prefills: bool = False):
         hold = not throttle_prefills and self.coalesce_image_admissions and self._hold_image_admissions()
@@ -175,6 +175,8 @@ class PmodSchedulerMixin:
         layout = self.pmod_kv_manager.layouts[request.request_id]
         return (layout.total_blocks(min(request.num_tokens, self.max_model_len))
                 - layout.total_blocks(request.num_computed_tokens))
+
+    # --- metrics: what the block tables hold -------------------------------------------------
 
     def update_from_output(self, *args, **kwargs):
         outputs = super().update_from_output(*args, **kwargs)
