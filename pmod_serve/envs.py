@@ -52,6 +52,10 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # admissions for one step so that the next routed step prefills two images (pmod_serve.v1.
     # core.sched.scheduler). Experimental: a routed step's host cost is nearly fixed per step.
     "PMOD_COALESCE_IMAGE_ADMISSIONS": lambda: os.environ.get("PMOD_COALESCE_IMAGE_ADMISSIONS") == "1",
+    # "0": admit a waiting image request as vLLM does, against the free KV pool alone; by default
+    # the pool must also hold what the running requests' unfinished prompts still need
+    # (pmod_serve.v1.core.sched.scheduler._fits_beside_prompts_in_progress).
+    "PMOD_RESERVE_PROMPTS_IN_PROGRESS": lambda: os.environ.get("PMOD_RESERVE_PROMPTS_IN_PROGRESS", "1") != "0",
     # Show the demo server's log on the terminal (`make demo`).
     "PMOD_DEMO_VERBOSE": lambda: bool(os.environ.get("PMOD_DEMO_VERBOSE")),
 }

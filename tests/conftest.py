@@ -377,6 +377,17 @@ def llm_prefix_small_pool(tiny_v15):
     return make_llm(tiny_v15, block_size=32, num_gpu_blocks_override=1056, max_model_len=1024, max_num_seqs=4)
 
 
+def drain_engine(engine) -> dict[str, list[int]]:
+    """Step an in-process engine until every request finished: each request's tokens, by the
+    last `-`-separated part of its id."""
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                tokens[output.request_id.rsplit("-", 1)[1]] = list(output.outputs[0].token_ids)
+    return tokens
+
+
 def engine_scheduler(llm):
     """The scheduler of an in-process engine."""
     return llm.llm_engine.engine_core.engine_core.scheduler

@@ -9,7 +9,7 @@ of them, with the option off and on. Whether it pays on a GPU is for a GPU run t
 
 from __future__ import annotations
 
-from conftest import engine_scheduler, make_image, vicuna_prompt
+from conftest import drain_engine, engine_scheduler, make_image, vicuna_prompt
 from vllm import SamplingParams
 
 REQUESTS = 10
@@ -39,13 +39,9 @@ def _serve(llm, coalesce: bool) -> tuple[dict[str, list[int]], list[dict]]:
         engine.add_request(f"coalesce-{coalesce}-{index}", {
             "prompt": vicuna_prompt("Describe it.", 1),
             "multi_modal_data": {"image": make_image(672, 672, 500 + index)}}, params)
-    tokens: dict[str, list[int]] = {}
     scheduler.schedule = recorded
     try:
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                if output.finished:
-                    tokens[output.request_id.split("-", 2)[2]] = list(output.outputs[0].token_ids)
+        tokens = drain_engine(engine)
     finally:
         scheduler.schedule = schedule
         scheduler.coalesce_image_admissions = False
