@@ -32,6 +32,11 @@ SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
               "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize"}
 # An asynchronous copy that takes this long on the host waited (pageable memory, or a full queue).
 BLOCKING_ASYNC_COPY_US = 200.0
+# The CUDA caching allocator going to the driver: it does so when its cached segments cannot serve
+# a request (new sizes, memory nearly full), and cudaFree (emptying the cache to retry an
+# allocation) makes the host wait for the whole device.
+ALLOCATOR_CALLS = {"cudaMalloc", "cudaFree", "cuMemCreate", "cuMemMap", "cuMemUnmap", "cuMemRelease",
+                   "cuMemAddressReserve", "cuMemAddressFree"}
 
 
 def load_events(path: Path) -> list[dict]:
@@ -175,9 +180,15 @@ def summarize(events: list[dict], top: int = 12) -> dict:
     longest.sort(reverse=True)
 
     syncs: dict[str, dict] = {}
+    allocator: dict[str, dict] = {}
     for call in runtime:
         if (call["pid"], call["tid"]) != thread or not (window_start <= call["ts"] <= window_end):
             continue
+        if call["name"] in ALLOCATOR_CALLS:
+            entry = allocator.setdefault(f'{call["name"]} in {_chain(enclosing.at(call["ts"]))}',
+                                         {"count": 0, "total_ms": 0.0})
+            entry["count"] += 1
+            entry["total_ms"] += call["dur"] / 1e3
         blocking = call["name"] in SYNC_CALLS or (
             call["name"] in {"cudaMemcpyAsync", "cuMemcpyAsync"} and call["dur"] >= BLOCKING_ASYNC_COPY_US)
         if not blocking:
@@ -224,6 +235,7 @@ def summarize(events: list[dict], top: int = 12) -> dict:
         "gpu_idle_ms_by_host_operator": {k: v / 1e3 for k, v in idle_by_host_op.most_common(top)},
         "longest_gpu_idle_gaps": [{"ms": gap / 1e3, "host": chain} for gap, chain in longest[:top]],
         "host_waits_for_gpu": dict(sorted(syncs.items(), key=lambda kv: -kv[1]["total_ms"])[:top]),
+        "allocator_calls": dict(sorted(allocator.items(), key=lambda kv: -kv[1]["total_ms"])[:top]),
         "runner_phases_ms": {k: v / 1e3 for k, v in host_ops_by_name.most_common(top)},
         "per_step": per_step,
     }

@@ -202,7 +202,8 @@ def test_profiled_runs_are_left_out_of_the_ratios(tmp_path: Path) -> None:
 def _kineto_trace(path: Path) -> None:
     """A torch-profiler trace in kineto's chrome format (what vLLM's worker writes): two engine
     steps on one thread; the first launches two kernels and waits for the GPU in `aten::item`,
-    the second launches one kernel after a 30 us host gap; times in microseconds."""
+    the second launches one kernel after a 30 us host gap, its aten::add taking new memory from
+    the driver; times in microseconds."""
     host, gpu = {"pid": 1, "tid": 7}, {"pid": 0, "tid": 7}
 
     def event(cat, name, ts, dur, where=host, **args):
@@ -221,6 +222,7 @@ def _kineto_trace(path: Path) -> None:
         event("kernel", "cutlass::device_kernel<flash::FlashAttnFwdSm90<...>>", 50, 35, gpu, correlation=2),
         event("user_annotation", "execute_context_0(0)_generation_4(4)", 120, 40),
         event("cpu_op", "aten::add", 125, 5),
+        event("cuda_runtime", "cudaMalloc", 125, 1),
         event("cuda_runtime", "cudaLaunchKernel", 126, 3, correlation=3),
         event("kernel", "add", 130, 10, gpu, correlation=3),
     ]
@@ -248,6 +250,7 @@ def test_trace_summary_of_a_kineto_trace(tmp_path: Path) -> None:
     assert summary["host_waits_for_gpu"] == {
         "cudaStreamSynchronize in gpu_model_runner: forward > aten::item": {"count": 1, "total_ms": 0.04}}
     assert summary["runner_phases_ms"] == {"gpu_model_runner: forward": 0.09}
+    assert summary["allocator_calls"] == {"cudaMalloc in aten::add": {"count": 1, "total_ms": 0.001}}
     # Per step and per kind of step: the prefill step's forward phase, none in the decode step.
     assert first["host_phases_ms"] == {"gpu_model_runner: forward": 0.09} and second["host_phases_ms"] == {}
     assert summary["prefill_steps"]["median_host_phase_ms"] == {"gpu_model_runner: forward": 0.09}
