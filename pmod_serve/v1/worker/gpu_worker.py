@@ -2,16 +2,65 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
+from vllm.logger import init_logger
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
 from pmod_serve.v1.sample.sampler import PmodLogprobsRunnerMixin
 from pmod_serve.v1.worker.model_runner import V1_RUNNER_REQUIRED, PmodRunnerMixin
 
+logger = init_logger("vllm.pmod_serve")
+
+
+class AllocatorWatch:
+    """Reports, at most every `interval_s` while steps run, when PyTorch's CUDA caching allocator
+    had to go to the driver. Once serving, vLLM's steps should be served from its cache; new
+    device allocations mean step-to-step size changes the cache cannot serve, and a retry
+    (`num_alloc_retries`: the cache emptied to retry a failed allocation) synchronises the whole
+    device, which costs the overlap of host and GPU that async scheduling relies on."""
+
+    COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free")
+
+    def __init__(self, memory_stats: Callable[[], dict], interval_s: float = 10.0) -> None:
+        self.memory_stats = memory_stats
+        self.interval_s = interval_s
+        self.counts: dict[str, int] | None = None
+        self.polled_at = 0.0
+
+    def poll(self) -> dict[str, int] | None:
+        """The counters' growth since the last poll, when a poll is due and they grew."""
+        now = time.monotonic()
+        if now - self.polled_at < self.interval_s:
+            return None
+        stats = self.memory_stats()
+        counts = {name: int(stats.get(name, 0)) for name in self.COUNTERS}
+        previous, previous_at = self.counts, self.polled_at
+        self.counts, self.polled_at = counts, now
+        if previous is None:
+            return None  # the first poll is the baseline: start-up allocates on purpose
+        growth = {name: counts[name] - previous[name] for name in self.COUNTERS}
+        if not any(growth.values()):
+            return None
+        log = logger.warning if growth["num_alloc_retries"] else logger.info
+        log("p-MoD: the CUDA caching allocator went to the driver in the last %.0f s: %d allocation "
+            "retries (each empties the cache and synchronises the device), %d cudaMalloc, %d cudaFree",
+            now - previous_at, *(growth[name] for name in self.COUNTERS))
+        return growth
+
 
 class PmodGPUModelRunner(PmodLogprobsRunnerMixin, PmodRunnerMixin, GPUModelRunner):
-    pass
+    def __init__(self, vllm_config, device: torch.device) -> None:
+        super().__init__(vllm_config, device)
+        self.allocator_watch = AllocatorWatch(lambda: torch.cuda.memory_stats(device))
+
+    def execute_model(self, *args, **kwargs):
+        output = super().execute_model(*args, **kwargs)
+        self.allocator_watch.poll()
+        return output
 
 
 class PmodGPUWorker(Worker):

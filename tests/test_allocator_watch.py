@@ -1,0 +1,35 @@
+"""The GPU runner's report of CUDA caching-allocator trips to the driver (`AllocatorWatch`).
+
+This machine has no CUDA device, so the allocator's counters come from a recorded sequence of
+`torch.cuda.memory_stats()` values (the keys PyTorch reports); on a GPU the runner reads the real
+ones after every step, at most every 10 s."""
+
+from __future__ import annotations
+
+import logging
+
+from pmod_serve.v1.worker.gpu_worker import AllocatorWatch
+
+
+def test_reports_growth_after_the_first_poll(monkeypatch, caplog):
+    readings = iter([
+        {"num_alloc_retries": 0, "num_device_alloc": 40, "num_device_free": 2, "active.all.current": 9},
+        {"num_alloc_retries": 0, "num_device_alloc": 40, "num_device_free": 2},
+        {"num_alloc_retries": 0, "num_device_alloc": 43, "num_device_free": 2},
+        {"num_alloc_retries": 2, "num_device_alloc": 47, "num_device_free": 9},
+    ])
+    clock = iter([100.0, 105.0, 111.0, 122.0, 135.0])
+    monkeypatch.setattr("pmod_serve.v1.worker.gpu_worker.time.monotonic", lambda: next(clock))
+    watch = AllocatorWatch(lambda: next(readings), interval_s=10.0)
+
+    caplog.set_level(logging.INFO, logger="vllm.pmod_serve")
+    monkeypatch.setattr(logging.getLogger("vllm.pmod_serve"), "propagate", True)
+    assert watch.poll() is None  # 100 s: the baseline (start-up allocates on purpose)
+    assert watch.poll() is None  # 105 s: not due, nothing read
+    assert watch.poll() is None  # 111 s: due, nothing grew
+    assert watch.poll() == {"num_alloc_retries": 0, "num_device_alloc": 3, "num_device_free": 0}
+    assert caplog.records[-1].levelno == logging.INFO
+    assert watch.poll() == {"num_alloc_retries": 2, "num_device_alloc": 4, "num_device_free": 7}
+    assert caplog.records[-1].levelno == logging.WARNING
+    assert "2 allocation retries" in caplog.records[-1].getMessage()
+    assert "in the last 13 s" in caplog.records[-1].getMessage()
