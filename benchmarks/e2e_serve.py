@@ -241,6 +241,22 @@ def engine_step_counts(before: dict[str, float], after: dict[str, float], durati
     return counts
 
 
+_ALLOCATOR_REPORT = re.compile(r"CUDA caching allocator went to the driver in the last \d+ s: (\d+) allocation "
+                               r"retries .*?, (\d+) cudaMalloc, (\d+) cudaFree")
+
+
+def allocator_reports(log_text: str) -> dict[str, int]:
+    """The p-MoD GPU runner's reports of allocator trips to the driver while serving
+    (`pmod_serve.v1.worker.gpu_worker.AllocatorWatch`), summed over a server log."""
+    totals = {"reports": 0, "alloc_retries": 0, "cuda_malloc": 0, "cuda_free": 0}
+    for retries, mallocs, frees in _ALLOCATOR_REPORT.findall(log_text):
+        totals["reports"] += 1
+        totals["alloc_retries"] += int(retries)
+        totals["cuda_malloc"] += int(mallocs)
+        totals["cuda_free"] += int(frees)
+    return totals
+
+
 def cache_config_of(text: str) -> dict[str, str]:
     """Labels of vllm:cache_config_info (num_gpu_blocks, block_size, ...), if exported."""
     for line in text.splitlines():
@@ -505,6 +521,8 @@ def run_server(engine: str, args, model_dir: Path, deadline: float, result: dict
     finally:
         _kill_group(process, grace_s=args.stop_grace_s)
         result["stopped"] = process.poll() is not None
+        if engine == "pmod" and log_path.exists():
+            result["allocator_driver_calls"] = allocator_reports(log_path.read_text(errors="replace"))
     return result
 
 

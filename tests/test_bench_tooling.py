@@ -276,3 +276,26 @@ def test_engine_step_counts_from_vllms_iteration_histogram() -> None:
     assert counts["prompt_tokens_per_step"] == 300 and counts["generation_tokens_per_step"] == 128
     assert counts["tokens_per_step"] == 428 and counts["wall_ms_per_step"] == pytest.approx(85.0)
     assert e2e_serve.engine_step_counts(after, after, 8.5) == {"preemptions": 0.0, "engine_steps": 0.0}
+
+
+def test_allocator_reports_from_a_server_log(monkeypatch, caplog) -> None:
+    import logging
+
+    from pmod_serve.v1.worker.gpu_worker import AllocatorWatch
+
+    # The lines AllocatorWatch really logs (two reports), among other log lines.
+    readings = iter([{"num_alloc_retries": 0, "num_device_alloc": 1, "num_device_free": 0},
+                     {"num_alloc_retries": 0, "num_device_alloc": 4, "num_device_free": 0},
+                     {"num_alloc_retries": 2, "num_device_alloc": 8, "num_device_free": 7}])
+    clock = iter([10.0, 20.0, 30.0])
+    monkeypatch.setattr("pmod_serve.v1.worker.gpu_worker.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr(logging.getLogger("vllm.pmod_serve"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="vllm.pmod_serve")
+    watch = AllocatorWatch(lambda: next(readings))
+    for _ in range(3):
+        watch.poll()
+    reports = [f"(EngineCore pid=1) INFO [gpu_worker.py:50] {record.getMessage()}" for record in caplog.records]
+    log = "\n".join(["INFO starting", reports[0], "INFO Avg prompt throughput", reports[1]])
+    assert e2e_serve.allocator_reports(log) == {"reports": 2, "alloc_retries": 2, "cuda_malloc": 7, "cuda_free": 7}
+    assert e2e_serve.allocator_reports("no reports") == {"reports": 0, "alloc_retries": 0, "cuda_malloc": 0,
+                                                         "cuda_free": 0}
