@@ -179,15 +179,25 @@ def metrics_text(base_url: str, timeout: float = 5.0) -> str:
         return response.read().decode()
 
 
+# Histograms whose buckets are kept (under `name{le="..."}`): tokens per engine step.
+KEPT_BUCKETS = ("vllm:iteration_tokens_total_bucket",)
+
+
 def summed_samples(text: str) -> dict[str, float]:
-    """Prometheus samples, summed over label sets (buckets left out)."""
+    """Prometheus samples, summed over label sets (buckets left out, but for KEPT_BUCKETS)."""
     samples: dict[str, float] = {}
     for line in text.splitlines():
         match = _SAMPLE.match(line.strip())
-        if not match or match.group(1).endswith("_bucket"):
+        if not match:
             continue
+        name = match.group(1)
+        if name.endswith("_bucket"):
+            if name not in KEPT_BUCKETS:
+                continue
+            le = re.search(r'le="([^"]*)"', match.group(2) or "")
+            name = f'{name}{{le="{le.group(1) if le else ""}"}}'
         try:
-            samples[match.group(1)] = samples.get(match.group(1), 0.0) + float(match.group(3))
+            samples[name] = samples.get(name, 0.0) + float(match.group(3))
         except ValueError:
             continue
     return samples
@@ -222,6 +232,10 @@ def server_latency_means_ms(before: dict[str, float], after: dict[str, float]) -
     return means
 
 
+# Upper edges (vLLM's bucket bounds) of the step sizes reported.
+STEP_TOKEN_EDGES = (512, 2048, 4096, 8192)
+
+
 def engine_step_counts(before: dict[str, float], after: dict[str, float], duration_s: float | None) -> dict:
     """What the engine did between two scrapes: its steps (`vllm:iteration_tokens_total`, one
     observation per engine step), tokens per step, the run's wall time per step, and preemptions.
@@ -232,6 +246,17 @@ def engine_step_counts(before: dict[str, float], after: dict[str, float], durati
 
     steps = delta("vllm:iteration_tokens_total_count")
     counts: dict = {"preemptions": delta("vllm:num_preemptions_total"), "engine_steps": steps}
+    # Steps by their token count, from vLLM's histogram (cumulative buckets): decodes with little
+    # or no prefill, then steps carrying about one 672x672 image (~3,000 tokens) or two.
+    at_most = {edge: delta(f'vllm:iteration_tokens_total_bucket{{le="{edge}.0"}}') for edge in STEP_TOKEN_EDGES}
+    if steps > 0 and any(at_most.values()):
+        low = 0
+        by_tokens = {}
+        for edge in STEP_TOKEN_EDGES:
+            by_tokens[f"{low + 1}-{edge}"] = at_most[edge] - (at_most.get(low, 0.0))
+            low = edge
+        by_tokens[f">{low}"] = steps - at_most[low]
+        counts["steps_by_tokens"] = by_tokens
     if steps > 0:
         counts["tokens_per_step"] = delta("vllm:iteration_tokens_total_sum") / steps
         counts["prompt_tokens_per_step"] = delta("vllm:prompt_tokens_total") / steps

@@ -259,9 +259,14 @@ def test_trace_summary_of_a_kineto_trace(tmp_path: Path) -> None:
 
 def test_engine_step_counts_from_vllms_iteration_histogram() -> None:
     # vLLM observes vllm:iteration_tokens_total once per engine step: its _count is the steps.
-    def scrape(steps, tokens, prompt, generated, preemptions):
+    def scrape(steps, tokens, prompt, generated, preemptions, at_most=(0, 0, 0)):
+        small, one_image, _ = at_most
         return e2e_serve.summed_samples("\n".join([
+            f'vllm:iteration_tokens_total_bucket{{engine="0",le="512.0",model_name="m"}} {small}',
+            f'vllm:iteration_tokens_total_bucket{{engine="0",le="2048.0",model_name="m"}} {small}',
+            f'vllm:iteration_tokens_total_bucket{{engine="0",le="4096.0",model_name="m"}} {one_image}',
             f'vllm:iteration_tokens_total_bucket{{engine="0",le="8192.0",model_name="m"}} {steps}',
+            'vllm:request_prefill_time_seconds_bucket{engine="0",le="1.0",model_name="m"} 7',
             f'vllm:iteration_tokens_total_count{{engine="0",model_name="m"}} {steps}',
             f'vllm:iteration_tokens_total_sum{{engine="0",model_name="m"}} {tokens}',
             f'vllm:prompt_tokens_total{{engine="0",model_name="m"}} {prompt}',
@@ -269,9 +274,12 @@ def test_engine_step_counts_from_vllms_iteration_histogram() -> None:
             f'vllm:num_preemptions_total{{engine="0",model_name="m"}} {preemptions}',
         ]))
 
-    before = scrape(10, 5000, 4000, 1000, 1)
-    after = scrape(110, 5000 + 3000 * 10 + 128 * 100, 4000 + 30000, 1000 + 12800, 4)
+    before = scrape(10, 5000, 4000, 1000, 1, (8, 10, 10))
+    # 100 steps: 88 decoding (<= 512 tokens), 8 with one image (2049-4096), 4 with two (4097-8192).
+    after = scrape(110, 5000 + 3000 * 10 + 128 * 100, 4000 + 30000, 1000 + 12800, 4, (96, 106, 110))
+    assert 'vllm:request_prefill_time_seconds_bucket{le="1.0"}' not in after  # only the step histogram
     counts = e2e_serve.engine_step_counts(before, after, 8.5)
+    assert counts["steps_by_tokens"] == {"1-512": 88, "513-2048": 0, "2049-4096": 8, "4097-8192": 4, ">8192": 0}
     assert counts["engine_steps"] == 100 and counts["preemptions"] == 3
     assert counts["prompt_tokens_per_step"] == 300 and counts["generation_tokens_per_step"] == 128
     assert counts["tokens_per_step"] == 428 and counts["wall_ms_per_step"] == pytest.approx(85.0)
