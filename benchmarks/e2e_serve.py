@@ -232,6 +232,13 @@ def server_latency_means_ms(before: dict[str, float], after: dict[str, float]) -
     return means
 
 
+def _step_summary(counts: dict) -> str:
+    """`engine_step_counts` as one log line."""
+    return ", ".join(f"{key} {value:.1f}" if isinstance(value, float | int)
+                     else f"{key} " + " ".join(f"{bucket}: {steps:.0f}" for bucket, steps in value.items())
+                     for key, value in counts.items())
+
+
 # Upper edges (vLLM's bucket bounds) of the step sizes reported.
 STEP_TOKEN_EDGES = (512, 2048, 4096, 8192)
 
@@ -624,7 +631,7 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
              f"e2el {entry.get('median_e2el_ms')} ms, {entry.get('request_throughput')} req/s, "
              f"peak KV {entry['peak_kv_cache_usage']}; server means (ms): "
              + ", ".join(f"{k} {v:.1f}" for k, v in entry.get("server_mean_latency_ms", {}).items())
-             + "; engine steps: " + ", ".join(f"{k} {v:.1f}" for k, v in entry.get("engine_steps", {}).items()))
+             + "; engine steps: " + _step_summary(entry.get("engine_steps", {})))
     return entry
 
 

@@ -280,6 +280,8 @@ def test_engine_step_counts_from_vllms_iteration_histogram() -> None:
     assert 'vllm:request_prefill_time_seconds_bucket{le="1.0"}' not in after  # only the step histogram
     counts = e2e_serve.engine_step_counts(before, after, 8.5)
     assert counts["steps_by_tokens"] == {"1-512": 88, "513-2048": 0, "2049-4096": 8, "4097-8192": 4, ">8192": 0}
+    line = e2e_serve._step_summary(counts)  # the run's log line
+    assert "engine_steps 100.0" in line and "steps_by_tokens 1-512: 88 513-2048: 0 2049-4096: 8" in line
     assert counts["engine_steps"] == 100 and counts["preemptions"] == 3
     assert counts["prompt_tokens_per_step"] == 300 and counts["generation_tokens_per_step"] == 128
     assert counts["tokens_per_step"] == 428 and counts["wall_ms_per_step"] == pytest.approx(85.0)
