@@ -2,7 +2,9 @@
 
 Top-k routing spans all target tokens of a request (across all its images), so a step may
 start or stop before the first target or after the last one, never in between. The scheduler
-also keeps each request's target ranges where the p-MoD KV-cache managers read them.
+also keeps each request's target ranges where the p-MoD KV-cache managers read them, admits a
+waiting image request only when the KV pool can also finish the prompts already in progress, and
+publishes the KV metrics.
 """
 
 from __future__ import annotations
