@@ -260,7 +260,7 @@ def engine_step_counts(before: dict[str, float], after: dict[str, float], durati
         low = 0
         by_tokens = {}
         for edge in STEP_TOKEN_EDGES:
-            by_tokens[f"{low + 1}-{edge}"] = at_most[edge] - (at_most.get(low, 0.0))
+            by_tokens[f"{low + 1}-{edge}"] = at_most[edge] - at_most.get(low, 0.0)
             low = edge
         by_tokens[f">{low}"] = steps - at_most[low]
         counts["steps_by_tokens"] = by_tokens

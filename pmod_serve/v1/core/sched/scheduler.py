@@ -120,8 +120,7 @@ class PmodSchedulerMixin:
         preemptions over 256 requests, 810 over 1,024 (7 over 256 with this gate, at the same
         requests/s). The blocks still needed are counted from the blocks each request holds, so
         whatever this step already gave a running request is counted once."""
-        computed = self._layout(request).total_blocks(num_computed_tokens)
-        needed = self._blocks_for_whole_prompt(request) - computed
+        needed = self._blocks_to_finish_prompt(request, num_computed_tokens)
         held_of = self.pmod_kv_manager.req_to_blocks
         reserved = 0
         for other in self.running:
@@ -131,8 +130,7 @@ class PmodSchedulerMixin:
             if in_progress and other is not request:
                 held = len(held_of.get(other.request_id, ()))
                 reserved += max(0, self._blocks_for_whole_prompt(other) - held)
-        free = self.kv_cache_manager.block_pool.get_num_free_blocks() - self.kv_cache_manager.watermark_blocks
-        return needed + reserved <= free
+        return needed + reserved <= self._admissible_free_blocks()
 
     def _free_blocks(self, request: Request) -> None:
         self._count_prefill(request)
@@ -193,7 +191,7 @@ class PmodSchedulerMixin:
         if (both_tokens + len(self.running) > self.max_num_scheduled_tokens
                 or both_images > self.max_num_encoder_input_tokens):
             return False  # one step could not prefill both anyway
-        free = self.kv_cache_manager.block_pool.get_num_free_blocks() - self.kv_cache_manager.watermark_blocks
+        free = self._admissible_free_blocks()
         first_blocks, second_blocks = (self._blocks_to_finish_prompt(request) for request in (first, second))
         return first_blocks <= free < first_blocks + second_blocks
 
@@ -201,16 +199,23 @@ class PmodSchedulerMixin:
         targets = self.request_targets.get(request.request_id)
         return targets.span[1] if targets is not None else 0
 
-    def _blocks_to_finish_prompt(self, request: Request) -> int:
-        """Blocks of all layers the request still needs for its whole prompt (prefix-cache hits
-        not deducted)."""
-        computed = self._layout(request).total_blocks(request.num_computed_tokens)
+    def _blocks_to_finish_prompt(self, request: Request, num_computed_tokens: int | None = None) -> int:
+        """Blocks of all layers the request still needs for its whole prompt, from
+        `num_computed_tokens` (default: the request's; a waiting request's prefix-cache hit is
+        deducted only when the caller passes it)."""
+        if num_computed_tokens is None:
+            num_computed_tokens = request.num_computed_tokens
+        computed = self._layout(request).total_blocks(num_computed_tokens)
         return self._blocks_for_whole_prompt(request) - computed
 
     def _blocks_for_whole_prompt(self, request: Request) -> int:
         """Blocks of all layers that hold the request's tokens so far (its prompt, and what it
         generated before a preemption), as vLLM's admission gate counts a whole sequence."""
         return self._layout(request).total_blocks(min(request.num_tokens, self.max_model_len))
+
+    def _admissible_free_blocks(self) -> int:
+        """Free blocks a waiting request may take: vLLM keeps its watermark free of admissions."""
+        return self.kv_cache_manager.block_pool.get_num_free_blocks() - self.kv_cache_manager.watermark_blocks
 
     def _layout(self, request: Request) -> RequestKVLayout:
         return self.pmod_kv_manager.layouts[request.request_id]
