@@ -199,9 +199,14 @@ def summarize(events: list[dict], top: int = 12) -> dict:
         entry["total_ms"] += call["dur"] / 1e3
 
     host_ops_by_name: Counter = Counter()
+    operators_by_name: Counter = Counter()
     for e in host_ops:
         if e.get("cat") == "user_annotation" and not e["name"].startswith(STEP_PREFIX):
             host_ops_by_name[e["name"]] += e["dur"]
+        elif e.get("cat") == "cpu_op" and step_at(e["ts"]) is not None:
+            operators_by_name[e["name"]] += e["dur"]
+    kernels_by_name = Counter(k["name"][:100] for index in range(len(steps)) for k in launched[index]
+                              if k.get("cat") == "kernel")
 
     def medians(kind: str | None) -> dict:
         chosen = [s for s in per_step if kind is None or s["kind"] == kind]
@@ -237,6 +242,10 @@ def summarize(events: list[dict], top: int = 12) -> dict:
         "host_waits_for_gpu": dict(sorted(syncs.items(), key=lambda kv: -kv[1]["total_ms"])[:top]),
         "allocator_calls": dict(sorted(allocator.items(), key=lambda kv: -kv[1]["total_ms"])[:top]),
         "runner_phases_ms": {k: v / 1e3 for k, v in host_ops_by_name.most_common(top)},
+        # Inclusive host time of PyTorch operators in the steps (an operator's time includes the
+        # operators it calls), and the kernels the steps launched, by name: what a step is made of.
+        "host_operators_ms": {k: v / 1e3 for k, v in operators_by_name.most_common(top)},
+        "kernels_by_name": dict(kernels_by_name.most_common(top)),
         "per_step": per_step,
     }
 

@@ -255,6 +255,10 @@ def test_trace_summary_of_a_kineto_trace(tmp_path: Path) -> None:
     assert first["host_phases_ms"] == {"gpu_model_runner: forward": 0.09} and second["host_phases_ms"] == {}
     assert summary["prefill_steps"]["median_host_phase_ms"] == {"gpu_model_runner: forward": 0.09}
     assert summary["decode_steps"]["median_host_phase_ms"] == {}
+    # What the steps are made of: operators (inclusive host time) and kernels, by name.
+    assert summary["host_operators_ms"] == {"aten::item": 0.05, "aten::mm": 0.02, "aten::add": 0.005}
+    assert summary["kernels_by_name"] == {"nvjet_tst_gemm": 1, "cutlass::device_kernel<flash::FlashAttnFwdSm90<...>>": 1,
+                                          "add": 1}
 
 
 def test_engine_step_counts_from_vllms_iteration_histogram() -> None:

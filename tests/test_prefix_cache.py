@@ -4,10 +4,13 @@ every block is accounted for."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import engine_runner, engine_scheduler, make_image, vicuna_prompt
 from vllm import SamplingParams
 
@@ -322,12 +325,37 @@ def test_slots_of_shared_blocks_are_not_rewritten(llm_prefix, monkeypatch):
     slot_mapping[:, :num_new] = 0
     monkeypatch.setattr(runner_module, "HOST_SLOT_MAPPING_MAX_TOKENS", 0)
     monkeypatch.setattr(stack.table, "host_only", False)
-    runner._pmod_slot_mapping(stack, runner._pmod_step.num_scheduled_tokens)
+    with device_moves_in(monkeypatch, runner_module.__file__) as moves:
+        runner._pmod_slot_mapping(stack, runner._pmod_step.num_scheduled_tokens)
     assert (slot_mapping[:, :num_new] == host_result).all()
+    # Host data reaches the device through the stack's pinned buffers only: `Tensor.to(device)`
+    # of a host array waits for the GPU to finish its queued work (on an H200 at c=256 this
+    # step waited up to 31 ms for the previous one, each image prefill after a hit).
+    assert moves == [], moves
     monkeypatch.undo()
     stack.table.written[row] = 0
     while engine.has_unfinished_requests():
         engine.step()
+
+
+@contextlib.contextmanager
+def device_moves_in(monkeypatch, source_file: str):
+    """The lines of `source_file` that call `Tensor.to` with a device while this lasts."""
+    moves: list[int] = []
+    to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        target = kwargs.get("device", args[0] if args else None)
+        caller = sys._getframe(1)
+        if isinstance(target, (torch.device, str)) and caller.f_code.co_filename == source_file:
+            moves.append(caller.f_lineno)
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    try:
+        yield moves
+    finally:
+        monkeypatch.setattr(torch.Tensor, "to", to)
 
 
 def test_hits_after_preemption_stay_exact(llm_prefix_small_pool, tiny_v15, reference):

@@ -360,10 +360,12 @@ class RoutedSteps:
 def routed_step_backend(schedule: PmodSchedule, vllm_config: VllmConfig) -> str | None:
     """The torch.compile backend of routed steps (`PMOD_ROUTED_STEP_COMPILE`), None for eager.
 
-    Eager by default: on one H200, end to end under `vllm bench serve` in one session, the
-    inductor graph served 0.84x the eager step's requests/s at concurrency 32 and 0.89x at 256
-    and took 3.5 more minutes to start, although in process it halves the step's host time at
-    batch 1 (benchmarks/results/routed_compile_gpu/). "inductor" was checked (float32 exact) on
+    Eager by default: on one H200, end to end under `vllm bench serve`, the inductor graph served
+    0.84-0.98x the eager step's requests/s at concurrency 32 and 0.89-0.91x at 256 (runs 5, 11,
+    13) and takes ~3 more minutes to start. It halves the host time of a one-image step in
+    process, but a loaded step (two images beside ~130 decodes) costs its host more than the
+    eager decoder (76 vs 55 ms under the profiler): its per-layer top-k is two stable sorts over
+    all targets, each several cub launches (benchmarks/results/routed_compile_gpu/, step 5). "inductor" was checked (float32 exact) on
     one CUDA GPU per engine with vLLM compiling, unquantized weights and KV cache; elsewhere it
     is taken as asked, with a warning. A softmax router norm (per request, from host-side
     bounds) is always eager."""

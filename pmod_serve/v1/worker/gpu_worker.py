@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -52,6 +53,20 @@ class AllocatorWatch:
         return growth
 
 
+def limit_intra_op_threads() -> None:
+    """One PyTorch intra-op thread in this engine process unless `OMP_NUM_THREADS` says otherwise:
+    what vLLM gives its multiprocess GPU workers (`set_multiprocessing_worker_envs`), here also
+    for one GPU, where vLLM runs the worker inside the engine process with a thread per core.
+    The engine's CPU tensor work is small copies (vLLM stacks a step's image pixels), and split
+    over threads that the API server's image decoding keeps off the cores, each waits for the
+    slowest: at concurrency 256 on an H200, 11-27 ms per step to stack two images' 3.4 MB of
+    pixels, with the GPU idle behind it (benchmarks/results/c256_profile/)."""
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:
+        logger.info("p-MoD: PyTorch intra-op threads %d -> 1 in the engine process (set OMP_NUM_THREADS to choose)",
+                    torch.get_num_threads())
+        torch.set_num_threads(1)
+
+
 class PmodGPUModelRunner(PmodLogprobsRunnerMixin, PmodRunnerMixin, GPUModelRunner):
     def __init__(self, vllm_config, device: torch.device) -> None:
         super().__init__(vllm_config, device)
@@ -66,6 +81,7 @@ class PmodGPUModelRunner(PmodLogprobsRunnerMixin, PmodRunnerMixin, GPUModelRunne
 class PmodGPUWorker(Worker):
     def init_device(self) -> None:
         super().init_device()
+        limit_intra_op_threads()
         if self.use_v2_model_runner:
             raise RuntimeError(V1_RUNNER_REQUIRED)
         # vLLM builds its own runner in init_device; swap in ours before any model is loaded.

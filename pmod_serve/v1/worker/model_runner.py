@@ -118,6 +118,8 @@ class PmodStack:
         self.kept_targets = buffer(len(self.layer_names) * (max_num_reqs + 1), dtype=torch.int64)
         # Host-computed slot mappings of small steps, `[layer, token]` packed (pinned).
         self.staged_slots = buffer(len(self.layer_names) * min(max_num_tokens, HOST_SLOT_MAPPING_MAX_TOKENS), dtype=torch.int64)
+        # `PmodBlockTable.written` for the device path of large steps after a prefix-cache hit (pinned).
+        self.staged_written = buffer(max_num_reqs, num_classes, dtype=torch.int64)
         self.kept_request_by_class = self.kept_request.np.T
         self.class_of_layer_gpu = torch.from_numpy(self.class_of_layer).to(device)
         self.layer_arange = np.arange(len(self.layer_names))[:, None]
@@ -435,7 +437,12 @@ class PmodRunnerMixin:
         blocks = table.tables.gpu[stack.layer_arange_gpu, kept_request, index // block_size]
         slots = blocks.to(torch.int64) * block_size + index % block_size
         if writes_shared:
-            written = torch.from_numpy(table.written[: self._pmod_step.num_reqs]).to(slots.device)
+            # Through pinned memory: a copy from the table's (pageable) array would wait for the
+            # GPU to finish the previous step, in every image prefill after a hit (the chat
+            # template's blocks hit for every request), and lose async scheduling's overlap.
+            num_reqs = self._pmod_step.num_reqs
+            stack.staged_written.np[:num_reqs] = table.written[:num_reqs]
+            written = stack.staged_written.copy_to_gpu(num_reqs)
             kept_index = torch.where(kept_index >= written[kept_request, stack.class_of_layer_gpu[:, None]], kept_index, -1)
         table.slot_mapping.gpu[:, :num_tokens] = torch.where(kept_index >= 0, slots, -1)
 

@@ -1,4 +1,5 @@
-"""The GPU runner's report of CUDA caching-allocator trips to the driver (`AllocatorWatch`).
+"""The GPU worker's parts that run without a GPU: the engine process's intra-op threads, and the
+runner's report of CUDA caching-allocator trips to the driver (`AllocatorWatch`).
 
 This machine has no CUDA device, so the allocator's counters come from a recorded sequence of
 `torch.cuda.memory_stats()` values (the keys PyTorch reports); on a GPU the runner reads the real
@@ -8,7 +9,30 @@ from __future__ import annotations
 
 import logging
 
-from pmod_serve.v1.worker.gpu_worker import AllocatorWatch
+import pytest
+import torch
+
+from pmod_serve.v1.worker.gpu_worker import AllocatorWatch, limit_intra_op_threads
+
+
+@pytest.fixture
+def intra_op_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_engine_process_computes_on_one_thread(intra_op_threads, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    limit_intra_op_threads()
+    assert torch.get_num_threads() == 1
+
+
+def test_omp_num_threads_keeps_the_operators_choice(intra_op_threads, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    limit_intra_op_threads()
+    assert torch.get_num_threads() == 2
 
 
 def test_reports_growth_after_the_first_poll(monkeypatch, caplog):
