@@ -59,7 +59,7 @@ from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from pmod_serve import envs
 from pmod_serve.multimodal.image_processing import PixelNormalization, crop_pixels
-from pmod_serve.pmod.image_layout import ImageLayout, merge_image_features, num_visual_tokens
+from pmod_serve.pmod.image_layout import ImageLayout, merge_image_features, num_crops, num_visual_tokens
 from pmod_serve.pmod.routing import PmodRouting, RoutingPlan
 from pmod_serve.pmod.schedule import PmodSchedule, WeightNorm, kept_target_count
 from pmod_serve.tokenizers.prompt import IMAGE_MARKER
@@ -121,7 +121,8 @@ class PmodMultiModalProcessor(BaseMultiModalProcessor[PmodProcessingInfo]):
         images: Sequence[Image.Image] = mm_data.get("images", [])  # type: ignore[assignment]
         if images:
             layout = self.info.image_layout
-            data["pixel_values"] = [crop_pixels(image, layout) for image in images]
+            # Every image's crops, one after the other (see `_get_mm_fields_config`).
+            data["pixel_values"] = torch.cat([crop_pixels(image, layout) for image in images])
             data["image_sizes"] = torch.tensor([image.size for image in images], dtype=torch.int64)
         return BatchFeature(data, tensor_type=None)
 
@@ -130,8 +131,16 @@ class PmodMultiModalProcessor(BaseMultiModalProcessor[PmodProcessingInfo]):
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature,
                               hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
+        layout = self.info.image_layout
+        crops_per_image = torch.tensor([num_crops(width, height, layout)
+                                        for width, height in hf_inputs.get("image_sizes", torch.empty(0, 2)).tolist()],
+                                       dtype=torch.int64)
         return dict(
-            pixel_values=MultiModalFieldConfig.batched("image"),
+            # Crops of all the step's images in one tensor, whatever their counts: vLLM then
+            # batches them into one pinned buffer and one asynchronous copy. (Per image, images
+            # of different crop counts would reach the GPU as separate copies from pageable
+            # memory, each of which may wait for the GPU.)
+            pixel_values=MultiModalFieldConfig.flat_from_sizes("image", crops_per_image),
             # Read on the host (`embed_multimodal` stitches each image's tiles by its size): kept
             # on the CPU, as vLLM's LLaVA-NeXT does, since reading a device copy would make every
             # image step wait for the GPU to finish the work queued before it.
@@ -154,11 +163,11 @@ class PmodMultiModalProcessor(BaseMultiModalProcessor[PmodProcessingInfo]):
 class PmodImagePixelInputs(TensorSchema):
     """What the processor hands the model per batch of images.
 
-    Dimensions: bn = images in the batch, nc = CLIP crops of an image (1, or 1 + tiles for
-    anyres; differs per image, so the crops come as a list), h = w = the CLIP crop side.
+    Dimensions: bn = images in the batch, bnc = CLIP crops of all of them, image after image (an
+    image has 1, or 1 + tiles for anyres: `num_crops` of its size), h = w = the CLIP crop side.
     Pixels are 8-bit, not yet normalised (`PixelNormalization`)."""
 
-    pixel_values: Annotated[torch.Tensor | list[torch.Tensor], TensorShape("bn", "nc", 3, "h", "w", dynamic_dims={"nc"})]
+    pixel_values: Annotated[torch.Tensor, TensorShape("bnc", 3, "h", "w")]
     # (width, height) of each original image, as PIL gives it.
     image_sizes: Annotated[torch.Tensor, TensorShape("bn", 2)]
 
@@ -595,14 +604,15 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
             image_sizes=kwargs.get("image_sizes"),
             resolve_bindings={"h": self.layout.crop_size, "w": self.layout.crop_size},
         )
-        crops_per_image = [len(crops) for crops in images.pixel_values]
-        crops = self.pixel_normalization(torch.cat(list(images.pixel_values))).to(self.vision_tower.dtype)
+        image_sizes = images.image_sizes.tolist()  # on the CPU (`_get_mm_fields_config`)
+        crops_per_image = [num_crops(width, height, self.layout) for width, height in image_sizes]
+        if sum(crops_per_image) != images.pixel_values.shape[0]:
+            raise ValueError(f"{images.pixel_values.shape[0]} crops for images of {crops_per_image} crops")
+        crops = self.pixel_normalization(images.pixel_values).to(self.vision_tower.dtype)
         # Layer -2 of CLIP without its CLS token, then the projector.
         features = self.projector(self.vision_tower(crops)[:, 1:])
-        embeddings = []
-        for image_features, (width, height) in zip(features.split(crops_per_image), images.image_sizes.tolist()):
-            embeddings.append(merge_image_features(image_features, width, height, self.layout, self.image_newline))
-        return embeddings
+        return [merge_image_features(image_features, width, height, self.layout, self.image_newline)
+                for image_features, (width, height) in zip(features.split(crops_per_image), image_sizes)]
 
     def get_language_model(self) -> nn.Module:
         return self.model
