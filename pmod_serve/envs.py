@@ -56,6 +56,11 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # the pool must also hold what the running requests' unfinished prompts still need
     # (pmod_serve.v1.core.sched.scheduler._fits_beside_prompts_in_progress).
     "PMOD_RESERVE_PROMPTS_IN_PROGRESS": lambda: os.environ.get("PMOD_RESERVE_PROMPTS_IN_PROGRESS", "1") != "0",
+    # "warn" or "error": once the GPU engine serves (after its warm-up), PyTorch reports every
+    # operation that makes the host wait for the GPU (`torch.cuda.set_sync_debug_mode`): a
+    # warning with its source line, or an error. A diagnostic for benchmarks: such a wait in a
+    # step costs async scheduling's overlap of host and GPU.
+    "PMOD_CUDA_SYNC_DEBUG": lambda: os.environ.get("PMOD_CUDA_SYNC_DEBUG", "").strip() or None,
     # Show the demo server's log on the terminal (`make demo`).
     "PMOD_DEMO_VERBOSE": lambda: bool(os.environ.get("PMOD_DEMO_VERBOSE")),
 }

@@ -12,7 +12,10 @@ import os
 import subprocess
 import sys
 
-from pmod_serve.v1.worker.gpu_worker import AllocatorWatch
+import pytest
+import torch
+
+from pmod_serve.v1.worker.gpu_worker import AllocatorWatch, start_sync_debug
 
 # In a fresh interpreter: vLLM's CPU worker, once it has run in a process (as in other tests of
 # this session), replaces `torch.set_num_threads` with a no-op there.
@@ -35,6 +38,19 @@ def test_engine_process_computes_on_one_thread_unless_omp_num_threads_says():
                             timeout=300, check=True)
     # One thread without the variable; the operator's choice with it.
     assert result.stdout.split()[-2:] == ["1", "2"], result.stdout + result.stderr
+
+
+def test_sync_debug_starts_only_when_asked(monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.delenv("PMOD_CUDA_SYNC_DEBUG", raising=False)
+    start_sync_debug()
+    monkeypatch.setenv("PMOD_CUDA_SYNC_DEBUG", "warn")
+    start_sync_debug()
+    assert modes == ["warn"]
+    monkeypatch.setenv("PMOD_CUDA_SYNC_DEBUG", "loud")
+    with pytest.raises(ValueError, match="PMOD_CUDA_SYNC_DEBUG"):
+        start_sync_debug()
 
 
 def test_reports_growth_after_the_first_poll(monkeypatch, caplog):

@@ -11,6 +11,7 @@ from vllm.logger import init_logger
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
+from pmod_serve import envs
 from pmod_serve.v1.sample.sampler import PmodLogprobsRunnerMixin
 from pmod_serve.v1.worker.model_runner import V1_RUNNER_REQUIRED, PmodRunnerMixin
 
@@ -67,6 +68,20 @@ def limit_intra_op_threads() -> None:
         torch.set_num_threads(1)
 
 
+def start_sync_debug() -> None:
+    """`PMOD_CUDA_SYNC_DEBUG` ("warn" or "error"): from now on PyTorch reports each operation that
+    waits for the GPU. Started after the warm-up, whose waits (profiling, CUDA graph capture) are
+    deliberate; Python's default warning filter shows each once per source line."""
+    mode = envs.PMOD_CUDA_SYNC_DEBUG
+    if mode is None:
+        return
+    if mode not in ("warn", "error"):
+        raise ValueError(f"PMOD_CUDA_SYNC_DEBUG={mode!r}: expected 'warn' or 'error'")
+    torch.cuda.set_sync_debug_mode(mode)
+    logger.warning("p-MoD: PMOD_CUDA_SYNC_DEBUG=%s: operations that wait for the GPU are reported from now on "
+                   "(a diagnostic; it costs host time)", mode)
+
+
 class PmodGPUModelRunner(PmodLogprobsRunnerMixin, PmodRunnerMixin, GPUModelRunner):
     def __init__(self, vllm_config, device: torch.device) -> None:
         super().__init__(vllm_config, device)
@@ -102,4 +117,5 @@ class PmodGPUWorker(Worker):
         result = super().compile_or_warm_up_model()
         # Steps that route visual tokens have their own compiled pieces (see RoutedSteps).
         self.model_runner._pmod_model().warm_up_routed_steps()
+        start_sync_debug()
         return result
