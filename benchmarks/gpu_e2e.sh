@@ -24,7 +24,8 @@
 #   python -m benchmarks.e2e_serve --merge e2e_pmod.json e2e_baseline.json --out benchmarks/results/
 # With PMOD_ROUTED_STEP_COMPILE set (e.g. inductor against the default), p-MoD's files are named
 # e2e_pmod-<setting>.json; with PMOD_COALESCE_IMAGE_ADMISSIONS=1, e2e_pmod[-<setting>]-coalesce.json;
-# with PMOD_RESERVE_PROMPTS_IN_PROGRESS=0, ...-noreserve.json.
+# with PMOD_RESERVE_PROMPTS_IN_PROGRESS=0, ...-noreserve.json; with PMOD_CUDA_SYNC_DEBUG set
+# (a diagnostic, not a measurement), ...-syncdebug.json.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -91,6 +92,9 @@ case "$step" in
       fi
       if [ "$name" != e2e_baseline ] && [ "${PMOD_RESERVE_PROMPTS_IN_PROGRESS:-}" = 0 ]; then
         name="$name-noreserve"
+      fi
+      if [ "$name" != e2e_baseline ] && [ -n "${PMOD_CUDA_SYNC_DEBUG:-}" ]; then
+        name="$name-syncdebug"
       fi
       [ -f "$out/e2e_serve.json" ] && cp "$out/e2e_serve.json" "$OUT/$name.json"
       # Profiler traces (--profile-run) travel on their own, where small enough to come back.
