@@ -374,9 +374,9 @@ def routed_step_backend(schedule: PmodSchedule, vllm_config: VllmConfig) -> str 
     13) and takes ~3 more minutes to start. It halves the host time of a one-image step in
     process, but a loaded step (two images beside ~130 decodes) costs its host more than the
     eager decoder (76 vs 55 ms under the profiler): its per-layer top-k is two stable sorts over
-    all targets, each several cub launches (benchmarks/results/routed_compile_gpu/, step 5). "inductor" was checked (float32 exact) on
-    one CUDA GPU per engine with vLLM compiling, unquantized weights and KV cache; elsewhere it
-    is taken as asked, with a warning. A softmax router norm (per request, from host-side
+    all targets, each several cub launches (benchmarks/results/routed_compile_gpu/, step 5).
+    "inductor" was checked (float32 exact) on one CUDA GPU per engine with vLLM compiling,
+    unquantized weights and KV cache; elsewhere it is taken as asked, with a warning. A softmax router norm (per request, from host-side
     bounds) is always eager."""
     choice = envs.PMOD_ROUTED_STEP_COMPILE
     if choice == "eager" or not schedule.weight_norm.elementwise:
