@@ -1,5 +1,6 @@
-"""The GPU worker's parts that run without a GPU: the engine process's intra-op threads, and the
-runner's report of CUDA caching-allocator trips to the driver (`AllocatorWatch`).
+"""The GPU worker's parts that run without a GPU: the engine process's intra-op threads, the
+`PMOD_CUDA_SYNC_DEBUG` switch, and the runner's report of CUDA caching-allocator trips to the
+driver (`AllocatorWatch`).
 
 This machine has no CUDA device, so the allocator's counters come from a recorded sequence of
 `torch.cuda.memory_stats()` values (the keys PyTorch reports); on a GPU the runner reads the real
