@@ -23,9 +23,10 @@
 # (same warm machine), each server gets a whole call; merge the two files here with
 #   python -m benchmarks.e2e_serve --merge e2e_pmod.json e2e_baseline.json --out benchmarks/results/
 # With PMOD_ROUTED_STEP_COMPILE set (e.g. inductor against the default), p-MoD's files are named
-# e2e_pmod-<setting>.json; with PMOD_COALESCE_IMAGE_ADMISSIONS=1, e2e_pmod[-<setting>]-coalesce.json;
-# with PMOD_RESERVE_PROMPTS_IN_PROGRESS=0, ...-noreserve.json; with PMOD_CUDA_SYNC_DEBUG set
-# (a diagnostic, not a measurement), ...-syncdebug.json.
+# e2e_pmod-<setting>.json (...-maxtargets<N> with PMOD_ROUTED_STEP_COMPILE_MAX_TARGETS set); with
+# PMOD_COALESCE_IMAGE_ADMISSIONS=1, e2e_pmod[-<setting>]-coalesce.json; with
+# PMOD_RESERVE_PROMPTS_IN_PROGRESS=0, ...-noreserve.json; with PMOD_CUDA_SYNC_DEBUG set (a
+# diagnostic, not a measurement), ...-syncdebug.json.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -86,6 +87,9 @@ case "$step" in
       # p-MoD runs of several routed-step settings in one session (eager vs compiled) keep apart.
       if [ "$name" != e2e_baseline ] && [ -n "${PMOD_ROUTED_STEP_COMPILE:-}" ]; then
         name="$name-$PMOD_ROUTED_STEP_COMPILE"
+      fi
+      if [ "$name" != e2e_baseline ] && [ -n "${PMOD_ROUTED_STEP_COMPILE_MAX_TARGETS:-}" ]; then
+        name="$name-maxtargets$PMOD_ROUTED_STEP_COMPILE_MAX_TARGETS"
       fi
       if [ "$name" != e2e_baseline ] && [ "${PMOD_COALESCE_IMAGE_ADMISSIONS:-}" = 1 ]; then
         name="$name-coalesce"

@@ -44,6 +44,12 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # torch.compile backend for their decoder ("inductor"; "aot_eager" traces without generating
     # code, for tests).
     "PMOD_ROUTED_STEP_COMPILE": lambda: os.environ.get("PMOD_ROUTED_STEP_COMPILE", "eager").strip() or "eager",
+    # With a torch.compile backend for routed steps: the most target tokens a step may route and
+    # still run compiled (more run eagerly). The compiled top-k sorts all of a step's targets
+    # twice per p-MoD layer; PyTorch's CUDA sort does up to 4,096 values in one kernel and more as
+    # a cub radix sort of ~9 launches, which made loaded compiled steps cost the host more than
+    # eager ones (benchmarks/results/routed_compile_gpu/, step 5).
+    "PMOD_ROUTED_STEP_COMPILE_MAX_TARGETS": lambda: _int("PMOD_ROUTED_STEP_COMPILE_MAX_TARGETS", 4096),
     # "1": build every retention-ratio class's attention metadata with the backend's builder, also
     # where one build per step serves them all (pmod_serve.v1.worker.model_runner.
     # _derived_class_fields); for A/B checks of the two paths.

@@ -343,16 +343,20 @@ def llm_prefix(tiny_next):
     """Prefix caching (on by default) with 32-token blocks, so that hits past an image are
     reached with short turns; vLLM's statistics on (`LLM.get_metrics`). Its routed steps run
     through torch.compile (the `aot_eager` backend: traced like on a GPU, without generating
-    code), the way GPUs run them, instead of eagerly like the other CPU engines."""
-    previous = os.environ.get("PMOD_ROUTED_STEP_COMPILE")
-    os.environ["PMOD_ROUTED_STEP_COMPILE"] = "aot_eager"
+    code), the way GPUs run them, instead of eagerly like the other CPU engines; steps of any
+    number of targets, so that steps of several images run compiled too (on a GPU, by default,
+    only steps of at most 4,096 targets do: `PMOD_ROUTED_STEP_COMPILE_MAX_TARGETS`)."""
+    settings = {"PMOD_ROUTED_STEP_COMPILE": "aot_eager", "PMOD_ROUTED_STEP_COMPILE_MAX_TARGETS": "1000000"}
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         return make_llm(tiny_next, block_size=32, disable_log_stats=False)
     finally:
-        if previous is None:
-            del os.environ["PMOD_ROUTED_STEP_COMPILE"]
-        else:
-            os.environ["PMOD_ROUTED_STEP_COMPILE"] = previous
+        for name, value in previous.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

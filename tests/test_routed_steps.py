@@ -78,6 +78,34 @@ def test_steps_too_small_to_compile_run_eagerly(llm_prefix):
     assert unique_graphs() == graphs
 
 
+def test_steps_of_more_targets_than_the_limit_run_eagerly(llm_prefix):
+    """`PMOD_ROUTED_STEP_COMPILE_MAX_TARGETS` (4,096 by default; this engine lifts it): a step
+    with more targets runs eagerly, whatever its number of requests; a limit that leaves the
+    start-up warm-up nothing to compile is refused."""
+    import dataclasses
+
+    import pytest
+    import torch
+
+    from pmod_serve.pmod.routing import RoutingPlan
+
+    model = engine_runner(llm_prefix)._pmod_model()
+    limited = dataclasses.replace(model.model.routed_steps, max_targets=199)
+    for num_tokens, segments, compiled in [(300, [200], False), (300, [199], True), (400, [150, 100], False),
+                                           (200, [1, 150], True)]:
+        routing = RoutingPlan.of(segments, model.model.retention_ratios).routing(
+            torch.arange(num_tokens - sum(segments), num_tokens))
+        assert limited.compiles(routing, num_tokens) is compiled, (num_tokens, segments)
+
+    steps = model.model.routed_steps
+    model.model.routed_steps = dataclasses.replace(steps, max_targets=1)
+    try:
+        with pytest.raises(ValueError, match="PMOD_ROUTED_STEP_COMPILE_MAX_TARGETS=1 leaves no step to compile"):
+            model.warm_up_routed_steps()
+    finally:
+        model.model.routed_steps = steps
+
+
 def test_routed_steps_run_eagerly_unless_a_backend_is_asked_for(monkeypatch, caplog):
     """Eager by default (measured faster end to end on a GPU); a torch.compile backend when
     `PMOD_ROUTED_STEP_COMPILE` names one, with a warning for inductor outside the configuration

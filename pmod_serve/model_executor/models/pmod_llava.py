@@ -322,13 +322,15 @@ def routed_decoder(layers: nn.ModuleList, positions: torch.Tensor, hidden_states
 
 @dataclass(frozen=True)
 class RoutedSteps:
-    """How routed steps run `routed_decoder`: compiled with `backend`, or eagerly (None)."""
+    """How routed steps run `routed_decoder`: compiled with `backend`, or eagerly (None), and
+    the most target tokens a compiled step may route (`PMOD_ROUTED_STEP_COMPILE_MAX_TARGETS`)."""
 
     backend: str | None
+    max_targets: int = 0
     decoder: Callable = routed_decoder
 
     @classmethod
-    def compiled(cls, backend: str | None) -> RoutedSteps:
+    def compiled(cls, backend: str | None, max_targets: int) -> RoutedSteps:
         if backend is None:
             return cls(backend=None)
         # dynamic: every token count is a size of the graph, not a constant; fullgraph: a graph
@@ -343,17 +345,20 @@ class RoutedSteps:
             with ir.enable_torch_wrap(False):
                 return compiled(*args)
 
-        return cls(backend=backend, decoder=decoder)
+        return cls(backend=backend, max_targets=max_targets, decoder=decoder)
 
     def compiles(self, routing: PmodRouting, num_tokens: int) -> bool:
         """Whether this step runs compiled. torch.compile specialises sizes 0 and 1 (a step with one
         target, or a layer keeping one token, would compile a new graph in the middle of serving:
         a minute on a 7B) and cannot trace a layer that keeps no token; such rare steps (a chunk
-        that ends one visual token into an image) run eagerly."""
+        that ends one visual token into an image) run eagerly. So do steps with more targets
+        than `max_targets` (on a GPU, steps of more than one 672x672 image by default), whose
+        compiled top-k costs the host more than the eager one."""
         if self.backend is None:
             return False
+        num_targets = routing.target_index.shape[0]
         fewest_kept = num_tokens - max(routing.num_skipped)
-        return min(num_tokens, routing.target_index.shape[0], fewest_kept) >= 2
+        return min(num_tokens, num_targets, fewest_kept) >= 2 and num_targets <= self.max_targets
 
     def run(self, layers: nn.ModuleList, positions: torch.Tensor, hidden_states: torch.Tensor,
             routing: PmodRouting) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -375,9 +380,11 @@ def routed_step_backend(schedule: PmodSchedule, vllm_config: VllmConfig) -> str 
     process, but a loaded step (two images beside ~130 decodes) costs its host more than the
     eager decoder (76 vs 55 ms under the profiler): its per-layer top-k is two stable sorts over
     all targets, each several cub launches (benchmarks/results/routed_compile_gpu/, step 5).
-    "inductor" was checked (float32 exact) on one CUDA GPU per engine with vLLM compiling,
-    unquantized weights and KV cache; elsewhere it is taken as asked, with a warning. A softmax router norm (per request, from host-side
-    bounds) is always eager."""
+    Those runs compiled every routed step; steps of more than 4,096 targets now run eagerly
+    (`RoutedSteps.compiles`), which those runs did not measure. "inductor" was checked (float32
+    exact) on one CUDA GPU per engine with vLLM compiling, unquantized weights and KV cache;
+    elsewhere it is taken as asked, with a warning. A softmax router norm (per request, from
+    host-side bounds) is always eager."""
     choice = envs.PMOD_ROUTED_STEP_COMPILE
     if choice == "eager" or not schedule.weight_norm.elementwise:
         return None
@@ -463,7 +470,8 @@ class PmodLlamaModel(nn.Module):
                 layers.append(LlamaDecoderLayer(vllm_config, prefix=layer_prefix, config=config))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.routed_steps = RoutedSteps.compiled(routed_step_backend(schedule, vllm_config))
+        self.routed_steps = RoutedSteps.compiled(routed_step_backend(schedule, vllm_config),
+                                                 envs.PMOD_ROUTED_STEP_COMPILE_MAX_TARGETS)
 
     @property
     def retention_ratios(self) -> list[float | None]:
@@ -560,7 +568,9 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
         start = time.perf_counter()
         weight = self.model.embed_tokens.weight
         device = weight.device
-        num_tokens, num_targets = self._warm_up_sizes(self.vllm_config.scheduler_config.max_num_batched_tokens)
+        # A step that runs compiled: at most `max_targets` targets (37 tokens are text).
+        max_tokens = min(self.vllm_config.scheduler_config.max_num_batched_tokens, steps.max_targets + 37)
+        num_tokens, num_targets = self._warm_up_sizes(max_tokens)
         with torch.no_grad():
             plan = RoutingPlan.of([num_targets], self.model.retention_ratios)
             routing = plan.routing(torch.arange(num_tokens - num_targets, num_tokens, device=device))
@@ -569,14 +579,18 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
             generator = torch.Generator(device).manual_seed(0)
             embeddings = torch.randn(num_tokens, weight.shape[1], device=device, dtype=weight.dtype,
                                      generator=generator) * 0.02
+        if not steps.compiles(routing, num_tokens):
+            raise ValueError(f"PMOD_ROUTED_STEP_COMPILE_MAX_TARGETS={steps.max_targets} leaves no step to compile "
+                             f"(the warm-up step of {num_targets} targets would run eagerly); raise it, or leave "
+                             "PMOD_ROUTED_STEP_COMPILE unset")
         self.set_pmod_routing(routing)
         try:
             with torch.inference_mode(), set_forward_context(None, self.vllm_config):
                 self.forward(None, positions, inputs_embeds=embeddings)
         finally:
             self.set_pmod_routing(None)
-        logger.info("p-MoD: the decoder of steps that route visual tokens compiled (torch.compile, %s) in %.1f s",
-                    steps.backend, time.perf_counter() - start)
+        logger.info("p-MoD: the decoder of steps that route visual tokens compiled (torch.compile, %s; steps of at "
+                    "most %d targets) in %.1f s", steps.backend, steps.max_targets, time.perf_counter() - start)
 
     def _warm_up_sizes(self, max_tokens: int) -> tuple[int, int]:
         """Token and target counts whose kept-token counts differ per retention ratio and from
@@ -585,13 +599,14 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
         dims = {size for parameter in self.parameters() for size in parameter.shape}
         ratios = sorted({ratio for ratio in self.model.retention_ratios if ratio is not None})
         num_tokens = min(max_tokens, self.config.max_position_embeddings, 3001) - 1
-        while True:
+        while num_tokens > 39:
             num_targets = num_tokens - 37
             kept = [num_tokens - num_targets + kept_target_count(num_targets, ratio) for ratio in ratios]
             sizes = [num_tokens, num_targets, *kept]
             if len(set(sizes)) == len(sizes) and not dims & set(sizes):
                 return num_tokens, num_targets
             num_tokens -= 1
+        return num_tokens, num_tokens - 37  # too small to compile (`warm_up_routed_steps` says so)
 
     # -- images ------------------------------------------------------------------------------
 
