@@ -38,7 +38,7 @@ at c=256 a step's time is what every decoding request waits per token.
     python -m benchmarks.e2e_serve --out OUT_DIR                      # GPU, both servers
     python -m benchmarks.e2e_serve --out OUT_DIR --quick --tiny --baseline pmod-dense   # CPU dry run
 
-Writes OUT_DIR/e2e_serve.json: {"gpu", "vllm_version", "command", "pmod", "baseline",
+Writes OUT_DIR/e2e_serve.json: {"gpu", "host", "vllm_version", "command", "pmod", "baseline",
 "ratios": {"ttft_c1", "tpot_c1", "tpot_c32", "throughput_c256", "text_only_c1", ...}} (each
 p-MoD / baseline, medians from `vllm bench serve`), plus each run's `vllm bench serve` JSON and
 each server's log. A server that fails to start is reported (its log tail in the JSON) and the
@@ -706,6 +706,39 @@ def gpu_name() -> str:
     return "cpu"
 
 
+def host_info() -> dict:
+    """The host CPU, and how fast one of its cores runs the host work that paces a step: a pure
+    Python loop (the engine's scheduling and kernel launches) and PIL's bicubic resize of a
+    672x672 image to 336x336 (p-MoD's image preprocessing). Measured before the servers start,
+    so that runs on different machines can be told apart by their hosts (medians of 5, ms)."""
+    from PIL import Image
+
+    model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def median_ms(work, repeats: int = 5) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            work()
+            times.append((time.perf_counter() - start) * 1e3)
+        return float(np.median(times))
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (672, 672, 3), dtype=np.uint8))
+    return {
+        "cpu_model": model,
+        "logical_cpus": os.cpu_count(),
+        "python_loop_ms": median_ms(lambda: sum(i * i for i in range(1_000_000))),
+        "pil_bicubic_672_to_336_ms": median_ms(lambda: image.resize((336, 336), resample=Image.Resampling.BICUBIC)),
+    }
+
+
 def vllm_version() -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -809,6 +842,8 @@ def merge(paths: list[Path], out: Path) -> dict:
                 merged[key] = report[key]
         if report.get("gpu") != merged["gpu"]:
             merged.setdefault("warnings", []).append(f"different GPUs: {report.get('gpu')} vs {merged['gpu']}")
+        # Each server's run records its host (the same machine gives about the same numbers).
+        merged.setdefault("hosts", []).append(report.get("host"))
         merged["commands"] += report.get("commands") or [report["command"]]
         for engine in ("pmod", "baseline"):
             part = report.get(engine, {})
@@ -863,6 +898,7 @@ def main(argv=None) -> int:
 
     report = {
         "gpu": gpu_name(),
+        "host": host_info(),
         "vllm_version": vllm_version(),
         "command": command,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -100,8 +100,8 @@ def test_ratios_and_merge(tmp_path: Path) -> None:
                 "image_c256": {"request_throughput": 8 / scale},
                 "text_c1": {"median_e2el_ms": 1000 * scale}}
         other = "baseline" if engine == "pmod" else "pmod"
-        return {"gpu": "H100", "vllm_version": "0.26.0", "command": f"cmd {engine}", engine: {"runs": runs},
-                other: {"skipped": "not in --engines"}}
+        return {"gpu": "H100", "host": {"cpu_model": f"cpu of {engine}"}, "vllm_version": "0.26.0",
+                "command": f"cmd {engine}", engine: {"runs": runs}, other: {"skipped": "not in --engines"}}
 
     (tmp_path / "p.json").write_text(json.dumps(report("pmod", 0.5)))
     (tmp_path / "b.json").write_text(json.dumps(report("baseline", 1.0)))
@@ -110,7 +110,14 @@ def test_ratios_and_merge(tmp_path: Path) -> None:
     assert r["ttft_c1"] == r["tpot_c1"] == r["tpot_c32"] == r["text_only_c1"] == 0.5
     assert r["throughput_c256"] == 2.0 and r["kv_per_request"] == 0.5
     assert merged["command"] == "cmd pmod ; cmd baseline"
+    assert merged["hosts"] == [{"cpu_model": "cpu of pmod"}, {"cpu_model": "cpu of baseline"}]
     assert json.loads((tmp_path / "out" / "e2e_serve.json").read_text())["ratios"] == r
+
+
+def test_host_info_names_the_cpu_and_times_its_host_work() -> None:
+    host = e2e_serve.host_info()
+    assert host["cpu_model"] and host["logical_cpus"] >= 1
+    assert 0 < host["python_loop_ms"] < 10_000 and 0 < host["pil_bicubic_672_to_336_ms"] < 10_000
 
 
 def test_kv_metrics_agreement_per_engine() -> None:
