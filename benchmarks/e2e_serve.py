@@ -68,7 +68,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import CHAT_TEMPLATE, image_size
+from benchmarks.common import CHAT_TEMPLATE, Timer, image_size, median
 from benchmarks.trace_summary import summarize_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -725,10 +725,10 @@ def host_info() -> dict:
     def median_ms(work, repeats: int = 5) -> float:
         times = []
         for _ in range(repeats):
-            start = time.perf_counter()
-            work()
-            times.append((time.perf_counter() - start) * 1e3)
-        return float(np.median(times))
+            with Timer() as timer:
+                work()
+            times.append(timer.seconds * 1e3)
+        return median(times)
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (672, 672, 3), dtype=np.uint8))
     return {
