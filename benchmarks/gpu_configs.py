@@ -4,11 +4,18 @@ weights, each one vLLM flag, measured against the plain configurations on the sa
 One section per device call (each fits a call's time limit); `--merge` makes
 benchmarks/results/gpu_configs.json from the sections' files:
 
-    python -m benchmarks.gpu_configs --models .gpu/models --out DIR --sections tiny_tp,dp2 \\
-        [--one-gpu e2e_serve.json]           # data parallel against a one-GPU run of the same session
-    python -m benchmarks.gpu_configs --models .gpu/models --out DIR --sections tp2
-    python -m benchmarks.gpu_configs --models .gpu/models --out DIR --sections fp8,tiny_quality
+    python -m benchmarks.gpu_configs --out DIR --sections tiny_tp
+    python -m benchmarks.gpu_configs --out DIR --sections one_gpu,dp2   # dp2 against one_gpu's run
+    python -m benchmarks.gpu_configs --out DIR --sections tp2
+    python -m benchmarks.gpu_configs --out DIR --sections fp8,tiny_quality
     python -m benchmarks.gpu_configs --merge DIR... --out benchmarks/results/gpu_configs.json
+
+Each call writes the model directories it needs under `--models` (default .gpu/models) first: a
+device call may find the ignored directories of an earlier call gone. Wall time of each section on
+two H200s (2026-11-27/29, one call each, the full-size sections with a warm compile cache):
+tiny_tp 190-320 s, tp2 ~190 s, one_gpu and dp2 ~250 s each (a server's start, ~50 s for one
+engine and ~110 s for two, and `vllm bench serve`'s start count against their deadlines), fp8
+~160 s, tiny_quality ~230 s.
 
 On a device machine, put DIR under $OUT and tar it there (`tar -czf $OUT/DIR.tgz -C $OUT DIR`):
 a device call brings back a limited number of files, and the rest are left out.
@@ -20,9 +27,11 @@ Sections (every engine is a fresh process: `benchmarks.bench`, `benchmarks.exact
 - tp2: p-MoD-LLaVA-NeXT-7B dims and vLLM's LLaVA-NeXT-7B, dummy weights, bf16, both at TP=2:
   KV bytes per request per rank, requests/s on 256 mixed-size image requests, and p-MoD's
   greedy tokens for the quality prompts (compared with the TP=1 run of the fp8 section).
-- dp2: `pmod-serve --data-parallel-size 2` driven by `vllm bench serve` (256 image prompts,
-  concurrency 256) against the one-GPU pmod-serve of the same session; `/metrics` polled per
-  `engine` label, `pmod_kv_blocks_in_use` against each engine's block pool as vLLM reports it.
+- one_gpu: `pmod-serve` on one GPU driven by `vllm bench serve` (256 image prompts, concurrency
+  256): the reference of dp2, on the same machine in the same session.
+- dp2: `pmod-serve --data-parallel-size 2`, the same run, against one_gpu's (or `--one-gpu`'s)
+  requests/s; `/metrics` polled per `engine` label, `pmod_kv_blocks_in_use` against each engine's
+  block pool as vLLM reports it.
 - fp8: full size, TP=1, eager (what is compared is the numbers, not the speed): p-MoD bf16 (the
   quality base), p-MoD with `--kv-cache-dtype fp8`, p-MoD with `--quantization fp8` (also an image
   chat through vLLM's chat path), vLLM's LLaVA-NeXT bf16 (the KV base).
@@ -61,7 +70,7 @@ from benchmarks.common import write_json
 from benchmarks.e2e_serve import gpu_name, kv_metrics_agree, ratio
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("tiny_tp", "dp2", "tp2", "fp8", "tiny_quality", "tiny_dense_quality")
+SECTIONS = ("tiny_tp", "one_gpu", "dp2", "tp2", "fp8", "tiny_quality", "tiny_dense_quality")
 TRAINED_TINY = REPO / "pmod_train" / "checkpoints" / "shapes-pmod"
 # Trained like TRAINED_TINY, with every layer dense: the control for the fp8-weights quality check.
 TRAINED_TINY_DENSE = REPO / "pmod_train" / "checkpoints" / "shapes-dense"
@@ -175,28 +184,45 @@ def section_tiny_tp(args) -> dict:
             "tp1_equals_reference": runs[1].get("passed"), "tp2_equals_reference": runs[2].get("passed")}
 
 
-def section_dp2(args) -> dict:
-    """pmod-serve --data-parallel-size 2 under vllm bench serve (benchmarks.e2e_serve)."""
-    out = args.out / "dp2"
+def serve_c256(args, name: str, server_args: str = "") -> tuple[int, list[str], dict]:
+    """pmod-serve under vllm bench serve at concurrency 256 (benchmarks.e2e_serve) into
+    OUT/`name`/e2e_serve.json: (return code, command, pmod's report)."""
+    out = args.out / name
     cmd = [sys.executable, "-m", "benchmarks.e2e_serve", "--out", str(out), "--models", str(args.models),
-           "--engines", "pmod", "--runs", "warmup,image_c256", "--server-args", "--data-parallel-size 2",
-           "--deadline-s", str(args.dp2_deadline_s)]
-    rc = _run(cmd, args.out / "dp2.log", args.dp2_deadline_s + 60, {"NCCL_NVLS_ENABLE": "0"})
+           "--engines", "pmod", "--runs", "warmup,image_c256", "--deadline-s", str(args.serve_deadline_s)]
+    if server_args:
+        cmd += ["--server-args", server_args]
+    rc = _run(cmd, args.out / f"{name}.log", args.serve_deadline_s + 60, {"NCCL_NVLS_ENABLE": "0"})
     report = json.loads((out / "e2e_serve.json").read_text()) if (out / "e2e_serve.json").exists() else {}
-    pmod = report.get("pmod", {})
+    return rc, cmd, report.get("pmod", {})
+
+
+def section_one_gpu(args) -> dict:
+    """The one-GPU reference of dp2."""
+    rc, cmd, pmod = serve_c256(args, "one_gpu")
     c256 = pmod.get("runs", {}).get("image_c256", {})
-    one_gpu = None
-    if args.one_gpu and args.one_gpu.exists():
-        one_gpu = json.loads(args.one_gpu.read_text()).get("pmod", {}).get("runs", {}).get("image_c256", {})
+    return {"returncode": rc, "command": shlex.join(cmd), "server_command": pmod.get("server_command"),
+            "requests_per_s": c256.get("request_throughput"), "completed": c256.get("completed"),
+            "failed": c256.get("failed"), "error": pmod.get("error") or c256.get("error")}
+
+
+def section_dp2(args) -> dict:
+    """pmod-serve --data-parallel-size 2 against the one-GPU run of the same session."""
+    rc, cmd, pmod = serve_c256(args, "dp2", "--data-parallel-size 2")
+    c256 = pmod.get("runs", {}).get("image_c256", {})
+    one_gpu_path = args.one_gpu or args.out / "one_gpu.json"
+    one_gpu = json.loads(one_gpu_path.read_text()) if one_gpu_path.exists() else {}
+    if "pmod" in one_gpu:  # an e2e_serve.json (--one-gpu), not a one_gpu section
+        one_gpu = one_gpu["pmod"].get("runs", {}).get("image_c256", {})
+        one_gpu["requests_per_s"] = one_gpu.get("request_throughput")
     per_engine = c256.get("kv_metrics_per_engine", {})
     metrics_ok = kv_metrics_agree(per_engine, num_engines=2)
     return {"returncode": rc, "command": shlex.join(cmd), "server_command": pmod.get("server_command"),
             "requests_per_s": c256.get("request_throughput"), "completed": c256.get("completed"),
-            "failed": c256.get("failed"),
-            "one_gpu_requests_per_s": (one_gpu or {}).get("request_throughput"),
-            "throughput_ratio_vs_one_gpu": ratio(c256.get("request_throughput"),
-                                                 (one_gpu or {}).get("request_throughput")),
-            "kv_metrics_per_engine": per_engine, "metrics_per_engine_ok": metrics_ok, "error": pmod.get("error")}
+            "failed": c256.get("failed"), "one_gpu_requests_per_s": one_gpu.get("requests_per_s"),
+            "throughput_ratio_vs_one_gpu": ratio(c256.get("request_throughput"), one_gpu.get("requests_per_s")),
+            "kv_metrics_per_engine": per_engine, "metrics_per_engine_ok": metrics_ok,
+            "error": pmod.get("error") or c256.get("error")}
 
 
 def section_tp2(args) -> dict:
@@ -341,13 +367,26 @@ def merge(dirs: list[Path]) -> dict:
     }
 
 
+def prepare_models(models: Path, sections: tuple[str, ...]) -> None:
+    """The model directories `sections` need (benchmarks.models: quick, weightless where full size)."""
+    from benchmarks.models import prepare, prepare_tiny_checkpoints
+
+    if set(sections) & {"one_gpu", "dp2", "tp2", "fp8"}:
+        prepare(models)
+    if "tiny_tp" in sections:
+        prepare_tiny_checkpoints(models)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=REPO / ".gpu" / "models")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sections", type=lambda s: tuple(s.split(",")), default=())
-    parser.add_argument("--one-gpu", type=Path, help="e2e_serve.json of a one-GPU pmod-serve run (image_c256)")
-    parser.add_argument("--dp2-deadline-s", type=float, default=330)
+    parser.add_argument("--one-gpu", type=Path,
+                        help="dp2's reference: e2e_serve.json of a one-GPU pmod-serve run (image_c256) "
+                             "instead of OUT/one_gpu.json")
+    parser.add_argument("--serve-deadline-s", type=float, default=330,
+                        help="one_gpu and dp2: e2e_serve's deadline, the server's start included")
     parser.add_argument("--merge", type=Path, nargs="+")
     args = parser.parse_args(argv)
     if args.merge:
@@ -355,7 +394,9 @@ def main(argv=None) -> int:
         print(json.dumps(merge(args.merge), indent=1, default=str)[:4000])
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    functions = {"tiny_tp": section_tiny_tp, "dp2": section_dp2, "tp2": section_tp2, "fp8": section_fp8,
+    args.models = args.models.resolve()
+    prepare_models(args.models, args.sections)
+    functions = {"tiny_tp": section_tiny_tp, "one_gpu": section_one_gpu, "dp2": section_dp2, "tp2": section_tp2, "fp8": section_fp8,
                  "tiny_quality": section_tiny_quality, "tiny_dense_quality": section_tiny_dense_quality}
     for name in args.sections:
         start = time.monotonic()

@@ -195,6 +195,48 @@ def test_quality_policy_allows_only_near_tie_flips() -> None:
     assert compare_quality(base, outside, tie_margin=0.5, max_logprob_error=1.0)["max_regret_nats"] == float("inf")
 
 
+def test_data_parallel_against_the_one_gpu_run_of_the_same_call(tmp_path: Path, monkeypatch) -> None:
+    """gpu_configs' one_gpu section is dp2's reference; `--one-gpu` (an e2e_serve.json) replaces
+    it. Both runs go through e2e_serve with one deadline that counts the server's start."""
+    from benchmarks import gpu_configs
+
+    calls = []
+
+    def serve_c256(args, name, server_args=""):
+        calls.append((name, server_args))
+        rate = {"one_gpu": 10.0, "dp2": 16.0}[name]
+        return 0, ["e2e_serve", name], {"runs": {"image_c256": {"request_throughput": rate, "completed": 256,
+                                                                "failed": 0, "kv_metrics_per_engine": {}}}}
+
+    monkeypatch.setattr(gpu_configs, "serve_c256", serve_c256)
+    monkeypatch.setattr(gpu_configs, "prepare_models", lambda models, sections: None)
+    monkeypatch.setattr(gpu_configs, "gpu_name", lambda: "test")
+    gpu_configs.main(["--out", str(tmp_path / "a"), "--sections", "one_gpu,dp2"])
+    assert calls == [("one_gpu", ""), ("dp2", "--data-parallel-size 2")]
+    dp2 = json.loads((tmp_path / "a" / "dp2.json").read_text())
+    assert dp2["one_gpu_requests_per_s"] == 10.0 and dp2["throughput_ratio_vs_one_gpu"] == pytest.approx(1.6)
+    assert dp2["error"] is None
+
+    e2e = tmp_path / "e2e_serve.json"
+    e2e.write_text(json.dumps({"pmod": {"runs": {"image_c256": {"request_throughput": 8.0}}}}))
+    gpu_configs.main(["--out", str(tmp_path / "b"), "--sections", "dp2", "--one-gpu", str(e2e)])
+    assert json.loads((tmp_path / "b" / "dp2.json").read_text())["throughput_ratio_vs_one_gpu"] == pytest.approx(2.0)
+
+
+def test_gpu_configs_writes_the_model_directories_its_sections_need(tmp_path: Path, monkeypatch) -> None:
+    """A device call may find an earlier call's ignored model directories gone: each call writes them."""
+    import benchmarks.models
+    from benchmarks import gpu_configs
+
+    written = []
+    monkeypatch.setattr(benchmarks.models, "prepare", lambda root, tiny=False: written.append(("full", root)))
+    monkeypatch.setattr(benchmarks.models, "prepare_tiny_checkpoints", lambda root: written.append(("tiny", root)))
+    gpu_configs.prepare_models(tmp_path, ("tiny_quality",))
+    assert written == []
+    gpu_configs.prepare_models(tmp_path, ("tp2", "tiny_tp"))
+    assert written == [("full", tmp_path), ("tiny", tmp_path)]
+
+
 def test_profiled_runs_are_left_out_of_the_ratios(tmp_path: Path) -> None:
     args = _e2e_args(tmp_path, "--profile-run", "image_c256")
     pmod = e2e_serve.server_command("pmod", args, Path("/m/pmod"), "pmod", 8000)
