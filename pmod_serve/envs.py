@@ -52,7 +52,7 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "PMOD_ROUTED_STEP_COMPILE_MAX_TARGETS": lambda: _int("PMOD_ROUTED_STEP_COMPILE_MAX_TARGETS", 4096),
     # "1": build every retention-ratio class's attention metadata with the backend's builder, also
     # where one build per step serves them all (pmod_serve.v1.worker.model_runner.
-    # _derived_class_fields); for A/B checks of the two paths.
+    # _class_field_deriver: FlashAttention and the CPU backend); for A/B checks of the two paths.
     "PMOD_ATTENTION_METADATA_PER_CLASS": lambda: os.environ.get("PMOD_ATTENTION_METADATA_PER_CLASS") == "1",
     # "1": when the KV cache has room for one waiting image request but not two, hold image
     # admissions for one step so that the next routed step prefills two images (pmod_serve.v1.

@@ -16,13 +16,14 @@ that does not grow with the number of layers or retention ratios:
   request]` numpy arrays), copied in one transfer per field into persistent buffers;
 - every layer's slot mapping comes from one batched gather over `[layer, token]` (on the host for
   small steps, on the device for large ones);
-- attention metadata: with FlashAttention (GPUs), one build per step, class 0's; every other
-  class's is a copy with its own lengths and no FA3 ahead-of-time scheduler metadata (FA3
-  schedules it inside the kernel), as `_derived_class_fields` explains. Other backends build
-  once per class (each class has its own builder, so CUDA graphs read per-class buffers), and
-  once per step when no request has skipped a token yet (text only: equal lengths in every
-  class). The other layers of a class take its metadata with their own block table and slot
-  mapping (`update_block_table`, vLLM's own shortcut for exactly that).
+- attention metadata: with FlashAttention (GPUs) and the CPU backend, one build per step, class
+  0's; every other class's is a copy with its own lengths (and with FlashAttention no FA3
+  ahead-of-time scheduler metadata: FA3 schedules inside the kernel; on the CPU its own call of
+  the kernel's scheduler), as `_class_field_deriver` explains. Other backends build once per
+  class (each class has its own builder, so CUDA graphs read per-class buffers), and once per
+  step when no request has skipped a token yet (text only: equal lengths in every class). The
+  other layers of a class take its metadata with their own block table and slot mapping
+  (`update_block_table`, vLLM's own shortcut for exactly that).
 
 Overrides of vLLM's V1 `GPUModelRunner` (shared by `CPUModelRunner`): `get_kv_cache_spec`,
 `initialize_kv_cache`, `_cleanup_profiling_kv_cache`, `_update_states`, `_prepare_inputs`, `_get_slot_mappings`, `_build_attention_metadata`,
@@ -37,11 +38,13 @@ every step rewrites. Steps that route visual tokens (prefill) run eagerly.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.platforms import current_platform
 from vllm.utils.platform_utils import is_pin_memory_available
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.utils import NULL_BLOCK_ID  # padded CUDA-graph rows point there
@@ -147,14 +150,14 @@ class PmodStack:
         # Where the backend allows it, one build per step (class 0's) and the other classes'
         # metadata derived from it; otherwise one builder per class (under CUDA graphs each keeps
         # its own persistent state).
-        self.derived_class_fields = _derived_class_fields(builder)
-        if self.derived_class_fields is not None:
+        self.class_field_deriver = _class_field_deriver(builder)
+        if self.class_field_deriver is not None:
             self.builders = [builder]
         else:
             self.builders = [make_builder(layers) for layers in self.class_layers]
         # FlashAttention's per-class AOT scheduler metadata, stacked (see below); None otherwise.
         self.scheduler_metadata: torch.Tensor | None = None
-        self.shared_builds = self.derived_class_fields is None and self._stack_persistent_builder_state(runner)
+        self.shared_builds = self.class_field_deriver is None and self._stack_persistent_builder_state(runner)
         self._request_views: dict[int, tuple[list[tuple], list[torch.Tensor]]] = {}
         self._slot_views: dict[tuple[int, ...], list[torch.Tensor]] = {}
 
@@ -605,12 +608,19 @@ class PmodRunnerMixin:
             return builder.build(common_prefix_len=0, common_attn_metadata=metadata)
 
         attn_metadata = {}
-        if stack.derived_class_fields is not None:
+        if stack.class_field_deriver is not None:
             # One build (class 0); every other class takes it with its own lengths (under full
-            # CUDA graphs, captured that way too).
+            # CUDA graphs, captured that way too) and what the backend derives from them, once
+            # for all classes where their lengths are equal (no request has skipped a token).
             (builder,) = stack.builders
             built = build(builder, class_metadata(0))
-            derived = [None] + [dict(stack.derived_class_fields, **class_lengths(k)) for k in range(1, stack.num_classes)]
+            derive = stack.class_field_deriver
+            same_lengths = step is None or step.classes_identical
+            common_fields = derive(class_lengths(0)) if same_lengths else None
+            derived = [None]
+            for k in range(1, stack.num_classes):
+                lengths = class_lengths(k)
+                derived.append({**(derive(lengths) if common_fields is None else common_fields), **lengths})
             for layer, (name, k) in enumerate(zip(layer_names, stack.class_of_layer.tolist())):
                 if k == 0:
                     attn_metadata[name] = _with_layer_kv(builder, built, tables[layer], class_slots[layer])
@@ -645,25 +655,49 @@ class PmodRunnerMixin:
         return model.unwrap() if hasattr(model, "unwrap") else model
 
 
-def _derived_class_fields(builder) -> dict | None:
-    """What a class's attention metadata sets besides its lengths, block table and slot mapping
-    when it is derived from another class's build (`_with_fields`); None where the backend's
-    metadata cannot be derived that way.
+def _class_field_deriver(builder) -> Callable[[dict], dict] | None:
+    """Where a backend's attention metadata for a retention-ratio class can be derived from
+    another class's build (`_with_fields`): a function from the class's length fields (those of
+    `class_lengths`) to the other fields it sets besides its lengths, block table and slot
+    mapping. None where it cannot.
 
     vLLM 0.26's FlashAttention metadata depends on a step's lengths only through
     `num_actual_tokens`, `max_query_len`, `query_start_loc`, `max_seq_len` and `seq_lens`, and
     through FA3's optional ahead-of-time scheduler metadata: without it, FA3 schedules inside the
     attention call from `seq_lens` (the same computation, on the device; a full CUDA graph
     captures it), instead of one host call per class and step. Decode context parallelism and
-    R-SWA add length-dependent fields, so they keep one build per class; so do other backends
-    (the CPU backend's kernel, for one, needs its scheduler metadata)."""
+    R-SWA add length-dependent fields, so they keep one build per class. The CPU backend's
+    decoder metadata has the same length fields and the kernel's scheduler metadata, which it
+    needs: each class gets its own, by the call `CPUAttentionMetadataBuilder.build` makes (the
+    rest of a build per class is what is saved). Other backends keep one build per class."""
     from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
 
     if envs.PMOD_ATTENTION_METADATA_PER_CLASS:
         return None
     if type(builder) is FlashAttentionMetadataBuilder and builder.dcp_world_size == 1 and builder.rswa_window is None:
-        return {"scheduler_metadata": None}
+        return lambda lengths: {"scheduler_metadata": None}
+    if current_platform.is_cpu():
+        return _cpu_class_field_deriver(builder)
     return None
+
+
+def _cpu_class_field_deriver(builder) -> Callable[[dict], dict] | None:
+    import vllm.envs as vllm_envs
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadataBuilder
+
+    if type(builder) is not CPUAttentionMetadataBuilder or builder.is_cross_attention or builder.is_encoder_only_attention:
+        return None
+
+    def scheduler_metadata(lengths: dict) -> dict:
+        query_start_loc = lengths["query_start_loc"]
+        return {"scheduler_metadata": ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=query_start_loc.shape[0] - 1, num_heads=builder.num_heads, num_kv_heads=builder.num_kv_heads,
+            head_dim=builder.head_dim, seq_lens=lengths["seq_lens"], dtype=builder.dtype,
+            query_start_loc=query_start_loc, causal=True, sliding_window_size=builder.window_size,
+            isa=builder.isa, enable_kv_split=vllm_envs.VLLM_CPU_ATTN_SPLIT_KV)}
+
+    return scheduler_metadata
 
 
 def _with_fields(metadata, fields: dict, **more):
