@@ -144,15 +144,15 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def check_derived_equals_per_class(runner, llm, builder_cls, requests, opaque=None) -> list[tuple[int, bool, bool]]:
+def check_derived_equals_per_class(runner, llm, builder_cls, requests, opaque=None) -> list[tuple[int, bool]]:
     """Every step of `requests` through the engine, and beside it twice more with `builder_cls`:
     one build per class (the reference), and one build with the other classes derived. Every
     layer's derived metadata must equal the reference's, field by field; `opaque` maps a field
     that cannot be compared by value to a check of the derived metadata's fields instead. Per
-    step: (classes with distinct lengths, prefill, compared)."""
-    opaque = opaque or {}
+    step: (classes with distinct lengths, prefill)."""
     from pmod_serve.v1.worker.model_runner import _class_field_deriver
 
+    opaque = opaque or {}
     stack = runner._pmod_stack
     spec = stack.builders[0].kv_cache_spec
     one = builder_cls(spec, list(stack.layer_names), runner.vllm_config, runner.device)
@@ -160,7 +160,7 @@ def check_derived_equals_per_class(runner, llm, builder_cls, requests, opaque=No
     assert deriver is not None
     per_class = [builder_cls(spec, [stack.layer_names[layer] for layer in layers], runner.vllm_config, runner.device)
                  for layers in stack.class_layers]
-    steps: list[tuple[int, bool, bool]] = []
+    steps: list[tuple[int, bool]] = []
     original = runner._build_pmod_attention_metadata
 
     def run_as(builders, derive, **kwargs):
@@ -186,7 +186,7 @@ def check_derived_equals_per_class(runner, llm, builder_cls, requests, opaque=No
                           if not (_same_kind(got[field], want[field]) and check(got))]
             assert not different, f"layer {layer} (class {int(stack.class_of_layer[layer])}): {different}"
         class_seq_lens = {tuple(expected[stack.layer_names[layers[0]]].seq_lens.tolist()) for layers in stack.class_layers}
-        steps.append((len(class_seq_lens), kwargs["max_query_len"] > 1, True))
+        steps.append((len(class_seq_lens), kwargs["max_query_len"] > 1))
         return metadata
 
     runner._build_pmod_attention_metadata = checked
@@ -213,8 +213,8 @@ def test_flash_attention_classes_derived_from_one_build_equal_a_build_per_class(
                                           runner.device)
     assert _class_field_deriver(flash)({}) == {"scheduler_metadata": None}
     steps = check_derived_equals_per_class(runner, llm_next, FlashAttentionMetadataBuilder, derivation_requests())
-    assert any(prefill for _, prefill, _ in steps) and any(not prefill for _, prefill, _ in steps)
-    assert any(distinct > 2 for distinct, _, _ in steps) and any(distinct == 1 for distinct, _, _ in steps)
+    assert any(prefill for _, prefill in steps) and any(not prefill for _, prefill in steps)
+    assert any(distinct > 2 for distinct, _ in steps) and any(distinct == 1 for distinct, _ in steps)
 
 
 def test_cpu_classes_derived_from_one_build_equal_a_build_per_class(llm_next, monkeypatch):
@@ -242,8 +242,8 @@ def test_cpu_classes_derived_from_one_build_equal_a_build_per_class(llm_next, mo
     monkeypatch.setattr(_custom_ops, "cpu_attn_get_scheduler_metadata", recorded)
     steps = check_derived_equals_per_class(runner, llm_next, CPUAttentionMetadataBuilder, derivation_requests(),
                                            opaque={"scheduler_metadata": from_own_lengths})
-    assert any(prefill for _, prefill, _ in steps) and any(not prefill for _, prefill, _ in steps)
-    assert any(distinct > 2 for distinct, _, _ in steps) and any(distinct == 1 for distinct, _, _ in steps)
+    assert any(prefill for _, prefill in steps) and any(not prefill for _, prefill in steps)
+    assert any(distinct > 2 for distinct, _ in steps) and any(distinct == 1 for distinct, _ in steps)
 
 
 def derivation_requests() -> list[dict]:
