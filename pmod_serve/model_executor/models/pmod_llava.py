@@ -500,6 +500,10 @@ class PmodLlamaModel(nn.Module):
         return hidden_states
 
 
+# Text tokens of the made-up routed step that compiles the routed-step decoder at start-up.
+WARM_UP_TEXT_TOKENS = 37
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     PmodMultiModalProcessor, info=PmodProcessingInfo, dummy_inputs=PmodDummyInputsBuilder
 )
@@ -568,8 +572,9 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
         start = time.perf_counter()
         weight = self.model.embed_tokens.weight
         device = weight.device
-        # A step that runs compiled: at most `max_targets` targets (37 tokens are text).
-        max_tokens = min(self.vllm_config.scheduler_config.max_num_batched_tokens, steps.max_targets + 37)
+        # A step that runs compiled: at most `max_targets` targets besides its text.
+        max_tokens = min(self.vllm_config.scheduler_config.max_num_batched_tokens,
+                         steps.max_targets + WARM_UP_TEXT_TOKENS)
         num_tokens, num_targets = self._warm_up_sizes(max_tokens)
         with torch.no_grad():
             plan = RoutingPlan.of([num_targets], self.model.retention_ratios)
@@ -599,14 +604,14 @@ class PmodLlavaLlamaForCausalLM(nn.Module, SupportsMultiModal):
         dims = {size for parameter in self.parameters() for size in parameter.shape}
         ratios = sorted({ratio for ratio in self.model.retention_ratios if ratio is not None})
         num_tokens = min(max_tokens, self.config.max_position_embeddings, 3001) - 1
-        while num_tokens > 39:
-            num_targets = num_tokens - 37
+        while num_tokens > WARM_UP_TEXT_TOKENS + 2:
+            num_targets = num_tokens - WARM_UP_TEXT_TOKENS
             kept = [num_tokens - num_targets + kept_target_count(num_targets, ratio) for ratio in ratios]
             sizes = [num_tokens, num_targets, *kept]
             if len(set(sizes)) == len(sizes) and not dims & set(sizes):
                 return num_tokens, num_targets
             num_tokens -= 1
-        return num_tokens, num_tokens - 37  # too small to compile (`warm_up_routed_steps` says so)
+        return num_tokens, num_tokens - WARM_UP_TEXT_TOKENS  # too small to compile (`warm_up_routed_steps` says so)
 
     # -- images ------------------------------------------------------------------------------
 
