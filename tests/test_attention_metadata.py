@@ -57,16 +57,20 @@ class BuildCounter:
         del self.runner._build_pmod_attention_metadata
 
 
-@contextlib.contextmanager
-def builds_per_class(runner):
-    """The stack as backends without derivation run it: a builder per class, a build per class
-    (one per step when every class has the same lengths)."""
+def class_builders(runner, builder_cls) -> list:
+    """A `builder_cls` builder for each retention-ratio class's layers."""
     stack = runner._pmod_stack
+    spec = stack.builders[0].kv_cache_spec
+    return [builder_cls(spec, [stack.layer_names[layer] for layer in layers], runner.vllm_config, runner.device)
+            for layers in stack.class_layers]
+
+
+@contextlib.contextmanager
+def stack_builds(stack, builders: list, deriver, shared_builds: bool):
+    """The stack builds its metadata with `builders` and `deriver` (None: a build per class,
+    one per step with `shared_builds` when every class has the same lengths)."""
     saved = stack.builders, stack.class_field_deriver, stack.shared_builds
-    builder_cls, spec = type(stack.builders[0]), stack.builders[0].kv_cache_spec
-    stack.builders = [builder_cls(spec, [stack.layer_names[layer] for layer in layers], runner.vllm_config, runner.device)
-                      for layers in stack.class_layers]
-    stack.class_field_deriver, stack.shared_builds = None, True
+    stack.builders, stack.class_field_deriver, stack.shared_builds = builders, deriver, shared_builds
     try:
         yield
     finally:
@@ -85,8 +89,8 @@ def test_one_build_per_step_on_cpu_and_one_per_class_without_derivation(llm_next
 
     for per_class in (False, True):
         with contextlib.ExitStack() as mode:
-            if per_class:
-                mode.enter_context(builds_per_class(runner))
+            if per_class:  # as backends without derivation run it
+                mode.enter_context(stack_builds(stack, class_builders(runner, type(stack.builders[0])), None, True))
             with BuildCounter(runner) as counter:
                 (output,) = llm_next.generate([{"prompt": text}], greedy)
             assert list(output.outputs[0].token_ids) == reference.generate(tiny_next, text, [], NEW_TOKENS)
@@ -154,22 +158,16 @@ def check_derived_equals_per_class(runner, llm, builder_cls, requests, opaque=No
 
     opaque = opaque or {}
     stack = runner._pmod_stack
-    spec = stack.builders[0].kv_cache_spec
-    one = builder_cls(spec, list(stack.layer_names), runner.vllm_config, runner.device)
+    one = builder_cls(stack.builders[0].kv_cache_spec, list(stack.layer_names), runner.vllm_config, runner.device)
     deriver = _class_field_deriver(one)
     assert deriver is not None
-    per_class = [builder_cls(spec, [stack.layer_names[layer] for layer in layers], runner.vllm_config, runner.device)
-                 for layers in stack.class_layers]
+    per_class = class_builders(runner, builder_cls)
     steps: list[tuple[int, bool]] = []
     original = runner._build_pmod_attention_metadata
 
     def run_as(builders, derive, **kwargs):
-        saved = stack.builders, stack.class_field_deriver, stack.shared_builds
-        stack.builders, stack.class_field_deriver, stack.shared_builds = builders, derive, derive is None
-        try:
+        with stack_builds(stack, builders, derive, shared_builds=derive is None):
             return original(stack, **kwargs)
-        finally:
-            stack.builders, stack.class_field_deriver, stack.shared_builds = saved
 
     def checked(stack_, **kwargs):
         metadata = original(stack_, **kwargs)
