@@ -13,9 +13,9 @@ benchmarks/results/gpu_configs.json from the sections' files:
 Each call writes the model directories it needs under `--models` (default .gpu/models) first: a
 device call may find the ignored directories of an earlier call gone. Wall time of each section on
 two H200s (2026-11-27/29, one call each, the full-size sections with a warm compile cache):
-tiny_tp 190-320 s, tp2 ~190 s, one_gpu and dp2 ~250 s each (a server's start, ~50 s for one
-engine and ~110 s for two, and `vllm bench serve`'s start count against their deadlines), fp8
-~160 s, tiny_quality ~230 s.
+tiny_tp 190-320 s, tp2 ~190 s, dp2 180-255 s, fp8 ~160 s, tiny_quality ~230 s; one_gpu has not
+run as a section yet (its server starts sooner: ~50 s for one engine against ~110 s for two).
+A server's start and `vllm bench serve`'s (~30 s) count against one_gpu's and dp2's deadline.
 
 On a device machine, put DIR under $OUT and tar it there (`tar -czf $OUT/DIR.tgz -C $OUT DIR`):
 a device call brings back a limited number of files, and the rest are left out.
