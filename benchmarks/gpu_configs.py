@@ -12,10 +12,11 @@ benchmarks/results/gpu_configs.json from the sections' files:
 
 Each call writes the model directories it needs under `--models` (default .gpu/models) first: a
 device call may find the ignored directories of an earlier call gone. Wall time of each section on
-two H200s (2026-11-27/29, one call each, the full-size sections with a warm compile cache):
-tiny_tp 190-320 s, tp2 ~190 s, dp2 180-255 s, fp8 ~160 s, tiny_quality ~230 s; one_gpu has not
-run as a section yet (its server starts sooner: ~50 s for one engine against ~110 s for two).
-A server's start and `vllm bench serve`'s (~30 s) count against one_gpu's and dp2's deadline.
+two H200s (2026-11-29, one call each, the full-size sections with a warm compile cache): tiny_tp
+190-320 s, one_gpu ~240 s, dp2 ~230 s (a server starts in ~50 s with one engine, ~110 s with two;
+that and `vllm bench serve`'s own start, ~30 s, count against their deadline), tp2 ~240 s, fp8
+~200 s, tiny_quality ~300 s (fp8 and tiny_quality side by side on the two GPUs). `--resume`
+finishes a section cut off by a call's time limit from the runs it completed.
 
 On a device machine, put DIR under $OUT and tar it there (`tar -czf $OUT/DIR.tgz -C $OUT DIR`):
 a device call brings back a limited number of files, and the rest are left out.
@@ -134,14 +135,23 @@ def _run(cmd: list[str], log: Path, timeout_s: float, env: dict | None = None) -
             return -9
 
 
-def bench(out: Path, name: str, engine: str, model_dir: Path, tokenizer: Path, phases: str, *flags: str,
+def bench(args, name: str, engine: str, model_dir: Path, tokenizer: Path, phases: str, *flags: str,
           timeout_s: float = 400, env: dict | None = None) -> dict:
-    """benchmarks.bench for one engine configuration (`env`: extra environment); returns its JSON
-    (with `returncode`)."""
-    path = out / f"{name}.json"
+    """benchmarks.bench for one engine configuration (`env`: extra environment) into
+    `args.out`/`name`.json; returns that JSON (with `returncode`). With `args.resume`, a run whose
+    JSON is already there and complete (benchmarks.bench writes `total_s` last) is not run again."""
+    path = args.out / f"{name}.json"
     cmd = [sys.executable, "-m", "benchmarks.bench", "--engine", engine, "--model-dir", str(model_dir),
            "--tokenizer-model", str(tokenizer), "--out", str(path), "--phases", phases,
            "--no-torch-profiler", *flags]
+    if args.resume and path.exists() and "total_s" in (done := json.loads(path.read_text())):
+        # A run that finished but whose section was cut off (e.g. by a device call's time limit):
+        # its return code is unknown unless gpu_configs got to record it.
+        done.setdefault("returncode", None)
+        done.setdefault("command", shlex.join(cmd))
+        _log(f"{name}: reused {path} (errors: {list(done.get('errors', {}))})")
+        return done
+    out = args.out
     start = time.monotonic()
     rc = _run(cmd, out / f"{name}.log", timeout_s, env={"NCCL_NVLS_ENABLE": "0", **(env or {})})
     result = json.loads(path.read_text()) if path.exists() else {}
@@ -149,6 +159,12 @@ def bench(out: Path, name: str, engine: str, model_dir: Path, tokenizer: Path, p
     write_json(path, result)
     _log(f"{name}: rc={rc} in {result['wall_s']:.0f} s, errors: {list(result.get('errors', {}))}")
     return result
+
+
+def _bench_runs(section: dict) -> list[dict]:
+    """The benchmarks.bench results a section holds (under `runs`, or `pmod`/`baseline` for tp2)."""
+    runs = list((section.get("runs") or {}).values()) + [section.get("pmod"), section.get("baseline")]
+    return [run for run in runs if isinstance(run, dict) and "engine" in run]
 
 
 def kv_bytes(result: dict) -> float | None:
@@ -229,8 +245,8 @@ def section_tp2(args) -> dict:
     pmod_dir, dense_dir = args.models / "pmod-next-7b", args.models / "llava-next-7b-hf"
     tokenizer = pmod_dir / "tokenizer.model"
     flags = ["--tensor-parallel-size", "2", "--attention-backend", "FLASH_ATTN"]
-    pmod = bench(args.out, "tp2_pmod", "pmod", pmod_dir, tokenizer, "kv_one_request,throughput,quality", *flags)
-    dense = bench(args.out, "tp2_baseline", "baseline", dense_dir, tokenizer, "kv_one_request,throughput", *flags)
+    pmod = bench(args, "tp2_pmod", "pmod", pmod_dir, tokenizer, "kv_one_request,throughput,quality", *flags)
+    dense = bench(args, "tp2_baseline", "baseline", dense_dir, tokenizer, "kv_one_request,throughput", *flags)
     return {"pmod": pmod, "baseline": dense,
             "kv_bytes_ratio": ratio(kv_bytes(pmod), kv_bytes(dense)),
             "throughput_ratio": ratio((pmod.get("throughput") or {}).get("requests_per_s"),
@@ -242,12 +258,12 @@ def section_fp8(args) -> dict:
     tokenizer = pmod_dir / "tokenizer.model"
     eager = ["--enforce-eager", "--attention-backend", "FLASH_ATTN"]
     runs = {
-        "bf16": bench(args.out, "fp8_base_pmod_bf16", "pmod", pmod_dir, tokenizer, "kv_one_request,quality", *eager),
-        "fp8_kv": bench(args.out, "fp8_pmod_fp8_kv", "pmod", pmod_dir, tokenizer, "kv_one_request,quality",
+        "bf16": bench(args, "fp8_base_pmod_bf16", "pmod", pmod_dir, tokenizer, "kv_one_request,quality", *eager),
+        "fp8_kv": bench(args, "fp8_pmod_fp8_kv", "pmod", pmod_dir, tokenizer, "kv_one_request,quality",
                         *eager, "--kv-cache-dtype", "fp8"),
-        "fp8_weights": bench(args.out, "fp8_pmod_fp8_weights", "pmod", pmod_dir, tokenizer,
+        "fp8_weights": bench(args, "fp8_pmod_fp8_weights", "pmod", pmod_dir, tokenizer,
                              "kv_one_request,quality,chat", *eager, "--quantization", "fp8"),
-        "dense_bf16": bench(args.out, "fp8_baseline_bf16", "baseline", dense_dir, tokenizer, "kv_one_request", *eager),
+        "dense_bf16": bench(args, "fp8_baseline_bf16", "baseline", dense_dir, tokenizer, "kv_one_request", *eager),
     }
     return {"runs": runs, **quality_report(runs, kv_base=runs["dense_bf16"])}
 
@@ -263,12 +279,12 @@ TINY_FLAGS = ["--load-format", "auto", "--enforce-eager", "--attention-backend",
 def section_tiny_quality(args) -> dict:
     tokenizer = TRAINED_TINY / "tokenizer.model"
     runs = {
-        "bf16": bench(args.out, "tiny_pmod_bf16", "pmod", TRAINED_TINY, tokenizer, "quality,chat", *TINY_FLAGS),
-        "fp8_kv": bench(args.out, "tiny_pmod_fp8_kv", "pmod", TRAINED_TINY, tokenizer, "quality,chat", *TINY_FLAGS,
+        "bf16": bench(args, "tiny_pmod_bf16", "pmod", TRAINED_TINY, tokenizer, "quality,chat", *TINY_FLAGS),
+        "fp8_kv": bench(args, "tiny_pmod_fp8_kv", "pmod", TRAINED_TINY, tokenizer, "quality,chat", *TINY_FLAGS,
                         "--kv-cache-dtype", "fp8"),
-        "fp8_weights": bench(args.out, "tiny_pmod_fp8_weights", "pmod", TRAINED_TINY, tokenizer, "quality,chat",
+        "fp8_weights": bench(args, "tiny_pmod_fp8_weights", "pmod", TRAINED_TINY, tokenizer, "quality,chat",
                              *TINY_FLAGS, "--quantization", "fp8"),
-        "fp8_weights_w8a16": bench(args.out, "tiny_pmod_fp8_weights_w8a16", "pmod", TRAINED_TINY, tokenizer,
+        "fp8_weights_w8a16": bench(args, "tiny_pmod_fp8_weights_w8a16", "pmod", TRAINED_TINY, tokenizer,
                                    "quality,chat", *TINY_FLAGS, "--quantization", "fp8", env=W8A16),
     }
     return {"checkpoint": str(TRAINED_TINY.relative_to(REPO)), "runs": runs, **quality_report(runs)}
@@ -278,10 +294,10 @@ def section_tiny_dense_quality(args) -> dict:
     """The same fp8-weights check on the dense control: is a policy miss p-MoD's or FP8's?"""
     tokenizer = TRAINED_TINY_DENSE / "tokenizer.model"
     runs = {
-        "bf16": bench(args.out, "tiny_dense_bf16", "pmod", TRAINED_TINY_DENSE, tokenizer, "quality", *TINY_FLAGS),
-        "fp8_weights": bench(args.out, "tiny_dense_fp8_weights", "pmod", TRAINED_TINY_DENSE, tokenizer, "quality",
+        "bf16": bench(args, "tiny_dense_bf16", "pmod", TRAINED_TINY_DENSE, tokenizer, "quality", *TINY_FLAGS),
+        "fp8_weights": bench(args, "tiny_dense_fp8_weights", "pmod", TRAINED_TINY_DENSE, tokenizer, "quality",
                              *TINY_FLAGS, "--quantization", "fp8"),
-        "fp8_weights_w8a16": bench(args.out, "tiny_dense_fp8_weights_w8a16", "pmod", TRAINED_TINY_DENSE, tokenizer,
+        "fp8_weights_w8a16": bench(args, "tiny_dense_fp8_weights_w8a16", "pmod", TRAINED_TINY_DENSE, tokenizer,
                                    "quality", *TINY_FLAGS, "--quantization", "fp8", env=W8A16),
     }
     return {"checkpoint": str(TRAINED_TINY_DENSE.relative_to(REPO)), "runs": runs, **quality_report(runs)}
@@ -387,6 +403,9 @@ def main(argv=None) -> int:
                              "instead of OUT/one_gpu.json")
     parser.add_argument("--serve-deadline-s", type=float, default=330,
                         help="one_gpu and dp2: e2e_serve's deadline, the server's start included")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the complete benchmarks.bench runs already under --out (a section cut "
+                             "off by a time limit is finished without running them again)")
     parser.add_argument("--merge", type=Path, nargs="+")
     args = parser.parse_args(argv)
     if args.merge:
@@ -406,7 +425,9 @@ def main(argv=None) -> int:
             import traceback
 
             result = {"error": repr(exc), "traceback": traceback.format_exc()[-3000:]}
-        result.update({"section_s": time.monotonic() - start, "gpu": gpu_name(),
+        # The GPU the section's runs had (a resumed section may be finished on another machine).
+        run_gpus = [run.get("gpu") for run in _bench_runs(result) if run.get("gpu")]
+        result.update({"section_s": time.monotonic() - start, "gpu": run_gpus[0] if run_gpus else gpu_name(),
                        "command": result.get("command") or shlex.join([sys.executable, "-m", "benchmarks.gpu_configs",
                                                                         *(argv or sys.argv[1:])])})
         write_json(args.out / f"{name}.json", result)

@@ -223,6 +223,46 @@ def test_data_parallel_against_the_one_gpu_run_of_the_same_call(tmp_path: Path, 
     assert json.loads((tmp_path / "b" / "dp2.json").read_text())["throughput_ratio_vs_one_gpu"] == pytest.approx(2.0)
 
 
+def test_a_section_cut_off_by_a_time_limit_resumes_from_its_finished_runs(tmp_path: Path, monkeypatch) -> None:
+    """`--resume` reuses the complete benchmarks.bench runs under --out (bench writes `total_s`
+    last) and runs only the rest; the section's GPU is the one its runs had."""
+    from benchmarks import gpu_configs
+
+    quality = {"prompts": [{"tokens": [1, 2], "top_logprobs": [{"1": -0.1}, {"2": -0.2}]}]}
+
+    def finished(gpu):
+        return {"engine": "pmod", "gpu": gpu, "errors": {}, "quality": quality, "total_s": 60.0}
+
+    out = tmp_path / "e"
+    out.mkdir()
+    for name in ("tiny_pmod_bf16", "tiny_pmod_fp8_kv", "tiny_pmod_fp8_weights"):
+        (out / f"{name}.json").write_text(json.dumps({**finished("H200"), "returncode": 0}))
+    # Killed before its end: no total_s, so it runs again.
+    (out / "tiny_pmod_fp8_weights_w8a16.json").write_text(json.dumps({"engine": "pmod", "gpu": "H200"}))
+
+    ran = []
+
+    def run(cmd, log, timeout_s, env=None):
+        path = Path(cmd[cmd.index("--out") + 1])
+        ran.append((path.stem, (env or {}).get("VLLM_TEST_FORCE_FP8_MARLIN")))
+        path.write_text(json.dumps(finished("H200")))
+        return 0
+
+    monkeypatch.setattr(gpu_configs, "_run", run)
+    monkeypatch.setattr(gpu_configs, "gpu_name", lambda: "cpu")
+    gpu_configs.main(["--out", str(out), "--sections", "tiny_quality", "--resume"])
+    assert ran == [("tiny_pmod_fp8_weights_w8a16", "1")]
+    section = json.loads((out / "tiny_quality.json").read_text())
+    assert section["gpu"] == "H200"
+    assert all(section[name]["quality"]["passed"] for name in ("fp8_kv", "fp8_weights", "fp8_weights_w8a16"))
+
+    # Without --resume every run runs again.
+    ran.clear()
+    gpu_configs.main(["--out", str(out), "--sections", "tiny_quality"])
+    assert [name for name, _ in ran] == ["tiny_pmod_bf16", "tiny_pmod_fp8_kv", "tiny_pmod_fp8_weights",
+                                         "tiny_pmod_fp8_weights_w8a16"]
+
+
 def test_gpu_configs_writes_the_model_directories_its_sections_need(tmp_path: Path, monkeypatch) -> None:
     """A device call may find an earlier call's ignored model directories gone: each call writes them."""
     import benchmarks.models
@@ -341,7 +381,7 @@ def test_engine_step_counts_from_vllms_iteration_histogram() -> None:
     assert e2e_serve.engine_step_counts(after, after, 8.5) == {"preemptions": 0.0, "engine_steps": 0.0}
 
 
-def test_allocator_reports_from_a_server_log(monkeypatch, caplog) -> None:
+def test_allocator_reports_from_a_server_log(monkeypatch) -> None:
     import logging
 
     from pmod_serve.v1.worker.gpu_worker import AllocatorWatch
@@ -352,12 +392,23 @@ def test_allocator_reports_from_a_server_log(monkeypatch, caplog) -> None:
                      {"num_alloc_retries": 2, "num_device_alloc": 8, "num_device_free": 7}])
     clock = iter([10.0, 20.0, 30.0])
     monkeypatch.setattr("pmod_serve.v1.worker.gpu_worker.time.monotonic", lambda: next(clock))
-    monkeypatch.setattr(logging.getLogger("vllm.pmod_serve"), "propagate", True)
-    caplog.set_level(logging.INFO, logger="vllm.pmod_serve")
-    watch = AllocatorWatch(lambda: next(readings))
-    for _ in range(3):
-        watch.poll()
-    reports = [f"(EngineCore pid=1) INFO [gpu_worker.py:50] {record.getMessage()}" for record in caplog.records]
+    # A handler on the plugin's logger itself: whether vLLM's "vllm" logger propagates to the root
+    # logger (caplog's) depends on which test configured vLLM's logging first in this worker.
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("vllm.pmod_serve")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        watch = AllocatorWatch(lambda: next(readings))
+        for _ in range(3):
+            watch.poll()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    reports = [f"(EngineCore pid=1) INFO [gpu_worker.py:50] {message}" for message in messages]
     log = "\n".join(["INFO starting", reports[0], "INFO Avg prompt throughput", reports[1]])
     assert e2e_serve.allocator_reports(log) == {"reports": 2, "alloc_retries": 2, "cuda_malloc": 7, "cuda_free": 7}
     assert e2e_serve.allocator_reports("no reports") == {"reports": 0, "alloc_retries": 0, "cuda_malloc": 0,
