@@ -88,6 +88,15 @@ class Allocator:
         return new
 
 
+def make_table(layout_of_row, max_num_reqs: int) -> PmodBlockTable:
+    classes = sorted(set(RATIOS), key=lambda r: (r is not None, r or 0))
+    return PmodBlockTable(
+        num_layers=32, num_classes=len(classes), block_size=BLOCK_SIZE, max_num_reqs=max_num_reqs,
+        max_blocks_per_layer=256, max_num_batched_tokens=4096, pin_memory=False, device=torch.device("cpu"),
+        layout_of_row=layout_of_row, class_of_layer=np.array([classes.index(r) for r in RATIOS]),
+    )
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_block_table_keeps_each_layer_its_own_blocks(seed):
     rng = random.Random(seed)
@@ -95,12 +104,7 @@ def test_block_table_keeps_each_layer_its_own_blocks(seed):
     spans = [((rng.randint(5, 50), rng.randint(600, 1500)),) if i % 3 else () for i in range(6)]
     requests = {f"r{i}": RequestKVLayout(RequestTargets(span), RATIOS, BLOCK_SIZE) for i, span in enumerate(spans)}
     rows: dict[int, str] = {}
-    table = PmodBlockTable(
-        num_layers=32, num_classes=len(set(RATIOS)), block_size=BLOCK_SIZE, max_num_reqs=8,
-        max_blocks_per_layer=256, max_num_batched_tokens=4096, pin_memory=False, device=torch.device("cpu"),
-        layout_of_row=lambda row: requests[rows[row]],
-        class_of_layer=np.array([sorted(set(RATIOS), key=lambda r: (r is not None, r or 0)).index(r) for r in RATIOS]),
-    )
+    table = make_table(lambda row: requests[rows[row]], max_num_reqs=8)
     # A separate "device" copy, kept current by commit_block_table's incremental writes.
     table.host_only = False
     table.tables.gpu = table.tables.cpu.clone()
@@ -156,3 +160,40 @@ def test_block_table_keeps_each_layer_its_own_blocks(seed):
         # Rows in use read the same on the device (rows out of the batch are never read).
         for row in rows:
             assert torch.equal(table.tables.gpu[:, row], table.tables.cpu[:, row]), (step, row)
+
+
+def test_decoding_rows_are_filed_in_one_update():
+    """A decoding step files every decoding row's new blocks at once (the per-row split,
+    `_assign`, is for prefill, prefix-cache hits and multi-token steps only), and each layer
+    still gets exactly its blocks: the spec's count per layer, blocks never moved."""
+    rng = random.Random(0)
+    layouts = [RequestKVLayout(RequestTargets(((rng.randint(5, 50), rng.randint(600, 1500)),) if i % 4 else ()),
+                               RATIOS, BLOCK_SIZE) for i in range(12)]
+    table = make_table(lambda row: layouts[row], max_num_reqs=12)
+    split_rows: list[int] = []
+    assign = table._assign
+    table._assign = lambda row, *args: split_rows.append(row) or assign(row, *args)
+    allocator = Allocator()
+    tokens = np.array([layout.span_end + rng.randint(1, 40) for layout in layouts], dtype=np.int64)
+    for row, layout in enumerate(layouts):
+        table.add_row(allocator.allocate(str(row), layout, int(tokens[row])), row)
+    table.assign_pending(np.zeros(12, dtype=np.int64), tokens)
+    assert sorted(split_rows) == list(range(12))  # prefill: row by row
+    given: dict[tuple[int, int, int], int] = {}
+    for step in range(3 * BLOCK_SIZE):
+        computed, tokens = tokens, tokens + 1
+        chunked = step % 7 == 3  # one row takes five tokens in this step: not a decoding step
+        if chunked:
+            tokens[5] += 4
+        for row, layout in enumerate(layouts):
+            table.append_row(allocator.allocate(str(row), layout, int(tokens[row])), row)
+        split_rows.clear()
+        table.assign_pending(computed, tokens)
+        assert split_rows == ([5] if chunked else [])
+        for row, layout in enumerate(layouts):
+            expected = expected_layer_blocks(layout.targets, int(tokens[row]))
+            assert table.held[row].tolist() == expected, (step, row)
+            for layer in range(32):
+                for index, block in enumerate(table.tables.np[layer, row, : expected[layer]].tolist()):
+                    assert given.setdefault((row, layer, index), block) == block
+            assert sorted(table.tables.np[:, row][table.tables.np[:, row] > 0].tolist()) == allocator.lists[str(row)]

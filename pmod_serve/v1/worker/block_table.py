@@ -87,6 +87,10 @@ class PmodBlockTable(BlockTable):
         self.row_span = np.zeros((max_num_reqs, 2), dtype=np.int64)
         self.row_class_skipped = np.zeros((max_num_reqs, num_classes), dtype=np.int64)
         self.row_skips = np.zeros(max_num_reqs, dtype=bool)
+        # Per row and layer, skipped tokens modulo the block size, and per row the whole blocks'
+        # worth of skipped tokens over all layers: what a decoding step's blocks follow from.
+        self.row_skip_residues = np.zeros((max_num_reqs, num_layers), dtype=np.int64)
+        self.row_skipped_full_blocks = np.zeros(max_num_reqs, dtype=np.int64)
         # Per row and retention-ratio class: compacted slots below this already hold this
         # request's KV in shared prefix-cache blocks (written by another request), so the step
         # that recomputes their tokens writes nothing there. 0 once passed.
@@ -106,6 +110,8 @@ class PmodBlockTable(BlockTable):
         self.row_span[row_idx] = (layout.span_start, layout.span_end)
         self.row_class_skipped[row_idx] = layout.skipped[self.class_first_layer]
         self.row_skips[row_idx] = layout.skips
+        self.row_skip_residues[row_idx] = layout.skipped % self.block_size
+        self.row_skipped_full_blocks[row_idx] = int((layout.skipped // self.block_size).sum())
         parked = self.parked.pop(layout, None)
         if parked is not None and layout not in self.fresh and parked[2] <= len(block_ids):
             # Back in the batch with the blocks it had (plus any new ones): which layer each
@@ -138,13 +144,15 @@ class PmodBlockTable(BlockTable):
         self.layouts[row_idx] = None
         self.row_class_skipped[row_idx] = 0
         self.row_skips[row_idx] = False
+        self.row_skip_residues[row_idx] = 0
+        self.row_skipped_full_blocks[row_idx] = 0
         self.written[row_idx] = 0
 
     def move_row(self, src: int, tgt: int) -> None:
         self.rows_changed = True
         width = int(self.held[src].max(initial=0))
         self.tables.np[:, tgt, :width] = self.tables.np[:, src, :width]
-        for array in (self.held, self.held_total, self.row_span, self.row_class_skipped, self.row_skips, self.written):
+        for array in self._row_arrays():
             array[tgt] = array[src]
         self.layouts[tgt] = self.layouts[src]
         pending = self.pending.pop(src, None)
@@ -157,7 +165,7 @@ class PmodBlockTable(BlockTable):
         self.rows_changed = True
         pair, swapped = [src, tgt], [tgt, src]
         self.tables.np[:, pair] = self.tables.np[:, swapped]
-        for array in (self.held, self.held_total, self.row_span, self.row_class_skipped, self.row_skips, self.written):
+        for array in self._row_arrays():
             array[pair] = array[swapped]
         self.layouts[src], self.layouts[tgt] = self.layouts[tgt], self.layouts[src]
         pending_src, pending_tgt = self.pending.pop(src, None), self.pending.pop(tgt, None)
@@ -165,6 +173,11 @@ class PmodBlockTable(BlockTable):
             self.pending[tgt] = pending_src
         if pending_tgt is not None:
             self.pending[src] = pending_tgt
+
+    def _row_arrays(self) -> tuple[np.ndarray, ...]:
+        """The per-row arrays that move with a row."""
+        return (self.held, self.held_total, self.row_span, self.row_class_skipped, self.row_skips,
+                self.row_skip_residues, self.row_skipped_full_blocks, self.written)
 
     def compute_slot_mapping(self, num_reqs: int, query_start_loc: torch.Tensor, positions: torch.Tensor) -> None:
         # The p-MoD runner computes every layer's slot mapping at once (PmodRunnerMixin).
@@ -225,12 +238,13 @@ class PmodBlockTable(BlockTable):
         start."""
         if not self.pending:
             return
-        # Decoding rows (one block each for the layers crossing a block boundary: most rows of
-        # most steps, the layers' counts being offset by their skipped tokens) in one update.
-        decode_rows: list[int] = []
-        decode_layers: list[np.ndarray] = []
-        decode_ids: list[int] = []
-        for row, block_ids in self.pending.items():
+        rows = np.fromiter(self.pending, dtype=np.int64, count=len(self.pending))
+        num_new = np.fromiter(map(len, self.pending.values()), dtype=np.int64, count=len(rows))
+        decoding, crossing = self._decode_steps(rows, num_new, num_computed[rows], num_tokens[rows])
+        # Anything but a one-token step (prefill, a prefix-cache hit, several tokens at once):
+        # row by row.
+        for row in rows[~decoding].tolist():
+            block_ids = self.pending[row]
             layout = self.layouts[row]
             computed = int(num_computed[row])
             if computed and self.held_total[row] < layout.total_blocks(computed):
@@ -240,27 +254,42 @@ class PmodBlockTable(BlockTable):
                 self._assign(row, layout, block_ids[:num_hit], computed)
                 self.written[row] = layout.layer_blocks(computed)[self.class_first_layer] * self.block_size
                 block_ids = block_ids[num_hit:]
-            if not block_ids:
-                continue
-            tokens = int(num_tokens[row])
-            layers = layout.decode_layers(int(self.held_total[row]), tokens, len(block_ids))
-            if layers is not None:
-                decode_rows.append(row)
-                decode_layers.append(layers)
-                decode_ids.extend(block_ids)
-            else:
-                self._assign(row, layout, block_ids, tokens)
-        self.pending.clear()
-        if decode_rows:
-            counts = np.array([len(layers) for layers in decode_layers], dtype=np.int64)
-            rows = np.repeat(np.array(decode_rows, dtype=np.int64), counts)
-            layers = np.concatenate(decode_layers)
-            columns = self.held[rows, layers]
-            self.tables.np[layers, rows, columns] = decode_ids
-            self.held[rows, layers] += 1  # each (row, layer) once: a row's crossing layers differ
-            self.held_total[decode_rows] += counts
+            if block_ids:
+                self._assign(row, layout, block_ids, int(num_tokens[row]))
+        if decoding.any():
+            # Decoding rows (most rows of most steps) in one update: each new block goes to the
+            # next layer, in layer order, whose count crosses a block boundary.
+            decode_rows = rows[decoding]
+            row_index, layers = np.nonzero(crossing[decoding])  # row by row, layers ascending
+            rows_of_blocks = decode_rows[row_index]
+            block_ids = [block for row in decode_rows.tolist() for block in self.pending[row]]
+            columns = self.held[rows_of_blocks, layers]
+            self.tables.np[layers, rows_of_blocks, columns] = block_ids
+            self.held[rows_of_blocks, layers] += 1  # each (row, layer) once
+            self.held_total[decode_rows] += num_new[decoding]
             if not self.host_only:
-                self.writes.append((layers, rows, columns, decode_ids))
+                self.writes.append((layers, rows_of_blocks, columns, block_ids))
+        self.pending.clear()
+
+    def _decode_steps(self, rows: np.ndarray, num_new: np.ndarray, num_computed: np.ndarray,
+                      num_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which of `rows` grow by one token past their visual span (or without one) with the
+        blocks they hold serving the token before (`RequestKVLayout.decode_layers`, for all rows
+        at once), and `[row, layer]`: the layers whose KV slot count then starts a new block,
+        one new block each (as many as the row was lent)."""
+        before = num_tokens - 1
+        one_token = (before > 0) & (num_computed <= before) & (
+            (before >= self.row_span[rows, 1]) | ~self.row_skips[rows])
+        # Past the span layer l holds `before - skipped[l]` slots; with before = q * block_size + r
+        # and skipped[l] = a[l] * block_size + c[l], that is q - a[l] blocks, one more where
+        # c[l] < r, and the next token starts a block where c[l] == r.
+        residue = (before % self.block_size)[:, None]
+        residues = self.row_skip_residues[rows]
+        crossing = residues == residue
+        blocks_before = (self.num_layers * (before // self.block_size) - self.row_skipped_full_blocks[rows]
+                         + (residues < residue).sum(axis=1))
+        decoding = (one_token & (crossing.sum(axis=1) == num_new) & (blocks_before == self.held_total[rows]))
+        return decoding, crossing
 
     def _assign(self, row: int, layout: RequestKVLayout, block_ids: list[int], tokens: int) -> None:
         """Blocks lent at once to top every layer of `row` up to `tokens` tokens, layer after
