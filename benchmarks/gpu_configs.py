@@ -151,9 +151,8 @@ def bench(args, name: str, engine: str, model_dir: Path, tokenizer: Path, phases
         done.setdefault("command", shlex.join(cmd))
         _log(f"{name}: reused {path} (errors: {list(done.get('errors', {}))})")
         return done
-    out = args.out
     start = time.monotonic()
-    rc = _run(cmd, out / f"{name}.log", timeout_s, env={"NCCL_NVLS_ENABLE": "0", **(env or {})})
+    rc = _run(cmd, args.out / f"{name}.log", timeout_s, env={"NCCL_NVLS_ENABLE": "0", **(env or {})})
     result = json.loads(path.read_text()) if path.exists() else {}
     result.update({"returncode": rc, "wall_s": time.monotonic() - start, "command": shlex.join(cmd)})
     write_json(path, result)

@@ -7,8 +7,10 @@ share an engine or server run in the process that started it (see SHARED_INSTANC
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -207,6 +209,26 @@ def vicuna_prompt(question: str, num_images: int) -> str:
     """The released single-turn vicuna_v1 prompt, images first."""
     images = "<image>\n" * num_images
     return f"{VICUNA_SYSTEM} USER: {images}{question} ASSISTANT:"
+
+
+@contextlib.contextmanager
+def plugin_log_messages(level: int = logging.INFO):
+    """The messages the plugin's logger ("vllm.pmod_serve") emits at `level` or above while
+    inside. A handler on that logger itself: vLLM's "vllm" logger stops propagation to the root
+    logger (caplog's) once vLLM's logging is configured, which depends on what ran before in the
+    same worker."""
+    messages: list[str] = []
+    handler = logging.Handler(level)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("vllm.pmod_serve")
+    previous_level = logger.level
+    logger.setLevel(min(level, logger.getEffectiveLevel()))
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
 
 
 def make_image(width: int, height: int, seed: int) -> Image.Image:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import plugin_log_messages
 
 from benchmarks import e2e_serve
 from benchmarks.models import write_dense_twin
@@ -382,8 +383,6 @@ def test_engine_step_counts_from_vllms_iteration_histogram() -> None:
 
 
 def test_allocator_reports_from_a_server_log(monkeypatch) -> None:
-    import logging
-
     from pmod_serve.v1.worker.gpu_worker import AllocatorWatch
 
     # The lines AllocatorWatch really logs (two reports), among other log lines.
@@ -392,22 +391,10 @@ def test_allocator_reports_from_a_server_log(monkeypatch) -> None:
                      {"num_alloc_retries": 2, "num_device_alloc": 8, "num_device_free": 7}])
     clock = iter([10.0, 20.0, 30.0])
     monkeypatch.setattr("pmod_serve.v1.worker.gpu_worker.time.monotonic", lambda: next(clock))
-    # A handler on the plugin's logger itself: whether vLLM's "vllm" logger propagates to the root
-    # logger (caplog's) depends on which test configured vLLM's logging first in this worker.
-    messages: list[str] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logger = logging.getLogger("vllm.pmod_serve")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
+    with plugin_log_messages() as messages:
         watch = AllocatorWatch(lambda: next(readings))
         for _ in range(3):
             watch.poll()
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     reports = [f"(EngineCore pid=1) INFO [gpu_worker.py:50] {message}" for message in messages]
     log = "\n".join(["INFO starting", reports[0], "INFO Avg prompt throughput", reports[1]])
     assert e2e_serve.allocator_reports(log) == {"reports": 2, "alloc_retries": 2, "cuda_malloc": 7, "cuda_free": 7}

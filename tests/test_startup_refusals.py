@@ -4,11 +4,12 @@ engine starts (pmod_serve/model_executor/models/config.py), under plain `vllm se
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 
 import pytest
-from conftest import VENV_BIN
+from conftest import VENV_BIN, plugin_log_messages
 
 pytestmark = pytest.mark.engine
 
@@ -37,19 +38,10 @@ def test_unsupported_flag_is_refused_at_startup(tiny_next, cli, flags, expected)
 def test_fp8_weights_are_served_with_a_warning(tiny_next, quantization) -> None:
     """`--quantization fp8` is not refused (it serves, gpu_configs.json), but its measured quality
     cost on p-MoD is said at start-up; other configurations say nothing of it."""
-    import logging
-
     from vllm.engine.arg_utils import EngineArgs
 
-    messages: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logger = logging.getLogger("vllm.pmod_serve")  # vLLM's loggers do not propagate to pytest's
-    logger.addHandler(handler)
-    try:
+    with plugin_log_messages(logging.WARNING) as messages:
         EngineArgs(model=str(tiny_next), quantization=quantization, max_model_len=4096).create_engine_config()
-    finally:
-        logger.removeHandler(handler)
     assert len([m for m in messages if "--quantization fp8" in m]) == (1 if quantization else 0)
 
 
