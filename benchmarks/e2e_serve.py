@@ -33,7 +33,10 @@ While each run goes, /metrics is polled (every --poll-s seconds) for vLLM's
 cache one standard request holds (as a fraction of that server's pool). Scrapes before and after
 each run give vLLM's server-side latency means and the engine's steps in the run
 (`engine_step_counts`: steps, prompt and generated tokens per step, wall ms per step, preemptions):
-at c=256 a step's time is what every decoding request waits per token.
+at c=256 a step's time is what every decoding request waits per token. For p-MoD they also give
+the KV savings: while requests run (`pmod_kv_savings_while_running`, from the block gauges) and
+per finished request (`pmod_request_kv_savings_ratio`: count, mean, p10/p50/p90 of the run's
+requests from the plugin's histogram, interpolated as PromQL does; deploy/SIZING.md's rows).
 
     python -m benchmarks.e2e_serve --out OUT_DIR                      # GPU, both servers
     python -m benchmarks.e2e_serve --out OUT_DIR --quick --tiny --baseline pmod-dense   # CPU dry run
@@ -179,8 +182,9 @@ def metrics_text(base_url: str, timeout: float = 5.0) -> str:
         return response.read().decode()
 
 
-# Histograms whose buckets are kept (under `name{le="..."}`): tokens per engine step.
-KEPT_BUCKETS = ("vllm:iteration_tokens_total_bucket",)
+# Histograms whose buckets are kept (under `name{le="..."}`): tokens per engine step, and each
+# finished p-MoD request's KV savings.
+KEPT_BUCKETS = ("vllm:iteration_tokens_total_bucket", "pmod_request_kv_savings_ratio_bucket")
 
 
 def summed_samples(text: str) -> dict[str, float]:
@@ -220,6 +224,35 @@ def series_per_engine(text: str, names: tuple[str, ...]) -> dict[str, dict[str, 
         engine = out.setdefault(labels.get("engine", ""), {})
         engine[match.group(1)] = engine.get(match.group(1), 0.0) + float(match.group(3))
     return out
+
+
+def histogram_quantiles(before: dict[str, float], after: dict[str, float], name: str,
+                        quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)) -> dict[str, float]:
+    """Count, mean and quantiles of a histogram's observations between two scrapes (its buckets in
+    KEPT_BUCKETS), interpolated inside a bucket as PromQL's `histogram_quantile` does, so they read
+    like the dashboard's; a quantile in the +Inf bucket is the highest finite bound, as there."""
+    prefix = f'{name}_bucket{{le="'
+    buckets = sorted((float(key[len(prefix):-2]), after[key] - before.get(key, 0.0))
+                     for key in after if key.startswith(prefix))
+    count = buckets[-1][1] if buckets else 0.0
+    if count <= 0:
+        return {}
+    summary = {"count": count, "mean": (after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)) / count}
+    for quantile in quantiles:
+        rank = quantile * count
+        lower, below = 0.0, 0.0
+        for upper, cumulative in buckets:
+            if cumulative >= rank:
+                if upper == float("inf"):
+                    value = lower
+                elif cumulative > below:
+                    value = lower + (upper - lower) * (rank - below) / (cumulative - below)
+                else:
+                    value = upper
+                break
+            lower, below = upper, cumulative
+        summary[f"p{round(quantile * 100)}"] = value
+    return summary
 
 
 def server_latency_means_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -352,7 +385,9 @@ def cache_config_labels(base_url: str) -> dict[str, str]:
 
 
 class MetricsPoller:
-    """Peak KV-cache usage and running requests while a run goes."""
+    """Peak KV-cache usage and running requests while a run goes, and p-MoD's KV savings while
+    requests run: 1 - blocks in use / their dense-layout equivalent, from the two gauges summed over
+    engines (`pmod_kv_cache_savings_ratio` is that ratio per engine, which does not add up)."""
 
     def __init__(self, base_url: str, interval_s: float) -> None:
         self.base_url = base_url
@@ -361,6 +396,7 @@ class MetricsPoller:
         self.peak_running = None
         self.samples = 0
         self.per_engine: list[dict[str, dict[str, float]]] = []
+        self.kv_savings: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -380,6 +416,9 @@ class MetricsPoller:
                 self.peak_running = max(running, self.peak_running or 0.0)
             if "pmod_kv_blocks_in_use" in metrics:
                 self.per_engine.append(series_per_engine(text, BLOCK_SERIES))
+                dense_equivalent = metrics.get("pmod_kv_blocks_dense_equivalent", 0.0)
+                if running and dense_equivalent > 0:
+                    self.kv_savings.append(1.0 - metrics["pmod_kv_blocks_in_use"] / dense_equivalent)
 
     def __enter__(self):
         if self.interval_s > 0:
@@ -589,6 +628,10 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
     entry: dict = {"wall_s": time.monotonic() - started, "returncode": process.returncode,
                    "peak_kv_cache_usage": poller.peak_kv_usage, "peak_running": poller.peak_running,
                    "metrics_samples": poller.samples}
+    if poller.kv_savings:
+        entry["pmod_kv_savings_while_running"] = {"median": median(poller.kv_savings),
+                                                  "min": min(poller.kv_savings), "max": max(poller.kv_savings),
+                                                  "samples": len(poller.kv_savings)}
     if poller.per_engine:
         blocks = cache_config_labels(base_url).get("num_gpu_blocks", "")
         if blocks.isdigit():
@@ -600,6 +643,9 @@ def one_run(engine: str, run: str, args, base_url: str, served_name: str, remain
             if key in after:
                 entry[key.split(":", 1)[1] + "_delta"] = after[key] - before.get(key, 0.0)
         entry["server_mean_latency_ms"] = server_latency_means_ms(before, after)
+        request_savings = histogram_quantiles(before, after, "pmod_request_kv_savings_ratio")
+        if request_savings:
+            entry["pmod_request_kv_savings_ratio"] = request_savings
     except Exception:
         pass
     duration_s = None

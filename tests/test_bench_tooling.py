@@ -168,6 +168,39 @@ def test_server_latency_means_from_vllms_histograms() -> None:
     assert e2e_serve.server_latency_means_ms(after, after) == {}
 
 
+def test_request_savings_quantiles_from_the_plugins_histogram(tmp_path: Path) -> None:
+    # The plugin's own histogram, written by the engine's writer and served by prometheus_client's
+    # multiprocess collector (as the API server serves it), scraped before and after a "run".
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from pmod_serve.v1.metrics.prometheus import KVMetricsWriter
+
+    writer = KVMetricsWriter("m", 0, directory=str(tmp_path))
+    writer.initialise()
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+
+    def scrape():
+        return e2e_serve.summed_samples(generate_latest(registry).decode())
+
+    writer.observe_request(0.9)  # before the run: not one of its requests
+    before = scrape()
+    run = [0.0, 0.01] + [0.43] * 8  # two text-only requests, eight image requests
+    for ratio in run:
+        writer.observe_request(ratio)
+    summary = e2e_serve.histogram_quantiles(before, scrape(), "pmod_request_kv_savings_ratio")
+    # PromQL's interpolation: rank q * 10 inside its bucket, (0, 0.05] holds 2, (0.40, 0.45] holds 8.
+    assert summary == pytest.approx({"count": 10, "mean": sum(run) / 10, "p10": 0.025,
+                                     "p50": 0.40 + 0.05 * 3 / 8, "p90": 0.40 + 0.05 * 7 / 8})
+    # A quantile in the last bucket, (0.95, +Inf], is its finite lower bound, as in PromQL.
+    before = scrape()
+    writer.observe_request(1.0)
+    assert e2e_serve.histogram_quantiles(before, scrape(), "pmod_request_kv_savings_ratio")["p50"] == 0.95
+    after = scrape()
+    assert e2e_serve.histogram_quantiles(after, after, "pmod_request_kv_savings_ratio") == {}
+
+
 def test_quality_policy_allows_only_near_tie_flips() -> None:
     from benchmarks.gpu_configs import compare_quality
 

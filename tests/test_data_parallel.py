@@ -12,9 +12,12 @@ from conftest import VENV_BIN, ServerProcess, make_image
 
 from benchmarks.e2e_serve import (
     BLOCK_SERIES,
+    MetricsPoller,
     cache_config_of,
+    histogram_quantiles,
     kv_metrics_agree,
     kv_metrics_agreement,
+    scrape,
     series_per_engine,
 )
 from pmod_serve.entrypoints.demo import data_url
@@ -45,13 +48,16 @@ def test_each_data_parallel_engine_reports_its_own_pool(tiny_next, tmp_path, mon
             response = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=300)
             assert response.status_code == 200, response.text
 
+        before = scrape(base, timeout=30)
         clients = [threading.Thread(target=chat, args=(seed,)) for seed in range(4)]
         for client in clients:
             client.start()
         samples = []
-        while any(client.is_alive() for client in clients):
-            samples.append(series_per_engine(httpx.get(f"{base}/metrics", timeout=30).text, SERIES))
-            time.sleep(0.1)
+        # e2e_serve's own poller beside this test's sampling: its savings come from both engines' gauges.
+        with MetricsPoller(base, 0.1) as poller:
+            while any(client.is_alive() for client in clients):
+                samples.append(series_per_engine(httpx.get(f"{base}/metrics", timeout=30).text, SERIES))
+                time.sleep(0.1)
         for client in clients:
             client.join()
 
@@ -64,6 +70,11 @@ def test_each_data_parallel_engine_reports_its_own_pool(tiny_next, tmp_path, mon
         final = series_per_engine(metrics, SERIES)
         assert set(final) == {"0", "1"}
         assert all(final[engine]["pmod_visual_tokens_total"] > 0 for engine in ("0", "1")), final
+        # The benchmark's savings: while the image requests ran, and over the four finished ones
+        # (each engine's histogram summed), strictly between nothing saved and everything saved.
+        assert poller.kv_savings and all(0.0 < saving < 1.0 for saving in poller.kv_savings), poller.kv_savings
+        request_savings = histogram_quantiles(before, scrape(base, timeout=30), "pmod_request_kv_savings_ratio")
+        assert request_savings["count"] == 4 and 0.0 < request_savings["p10"] <= request_savings["p90"] < 1.0, request_savings
 
         # Idle: every block of both pools is back.
         deadline = time.monotonic() + 60
