@@ -73,6 +73,7 @@ import numpy as np
 
 from benchmarks.common import CHAT_TEMPLATE, Timer, image_size, median
 from benchmarks.trace_summary import summarize_dir
+from loadtests.metrics import kv_savings_point, parse_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -386,8 +387,8 @@ def cache_config_labels(base_url: str) -> dict[str, str]:
 
 class MetricsPoller:
     """Peak KV-cache usage and running requests while a run goes, and p-MoD's KV savings while
-    requests run: 1 - blocks in use / their dense-layout equivalent, from the two gauges summed over
-    engines (`pmod_kv_cache_savings_ratio` is that ratio per engine, which does not add up)."""
+    requests run (the load tests' `kv_savings_point`: over several engines, 1 - blocks in use /
+    their dense-layout equivalent, both summed)."""
 
     def __init__(self, base_url: str, interval_s: float) -> None:
         self.base_url = base_url
@@ -416,9 +417,9 @@ class MetricsPoller:
                 self.peak_running = max(running, self.peak_running or 0.0)
             if "pmod_kv_blocks_in_use" in metrics:
                 self.per_engine.append(series_per_engine(text, BLOCK_SERIES))
-                dense_equivalent = metrics.get("pmod_kv_blocks_dense_equivalent", 0.0)
-                if running and dense_equivalent > 0:
-                    self.kv_savings.append(1.0 - metrics["pmod_kv_blocks_in_use"] / dense_equivalent)
+                point = kv_savings_point(parse_metrics(text))
+                if running and point["busy"]:
+                    self.kv_savings.append(point["kv_savings_ratio"])
 
     def __enter__(self):
         if self.interval_s > 0:
